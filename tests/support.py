@@ -1,0 +1,160 @@
+"""Shared test support: start the gateway as a real process, wait for it, inspect it.
+
+Every helper uses monotonic deadlines (no fixed sleeps) and stops only what it started, by PID.
+"""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_RE = re.compile(r"ready to proxy client requests to \[(.*)\]")
+
+
+def launcher_argv(launcher: str = "module"):
+    """The command that starts the gateway: `python -m gateway`, the console script, or the .pyz."""
+    if launcher == "module":
+        return [sys.executable, "-m", "gateway"]
+    if launcher == "script":
+        return [str(Path(sys.executable).parent / "etcd-gateway")]
+    if launcher == "pyz":
+        pyz = ROOT / "dist" / "etcd-gateway.pyz"
+        return [sys.executable, str(pyz)]
+    raise ValueError(launcher)
+
+
+def free_port(host="127.0.0.1", family=socket.AF_INET):
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LineReader:
+    """Collects a process's stderr lines in a thread so a test can wait for one."""
+
+    def __init__(self, stream):
+        self.lines = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream):
+        for raw in iter(stream.readline, b""):
+            with self._cond:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append(None)  # EOF marker
+            self._cond.notify_all()
+
+    def wait_for(self, pattern, timeout=20.0, start=0):
+        """Return the first line at index >= start that matches `pattern` (regex), or None on EOF/timeout."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            index = start
+            while True:
+                while index < len(self.lines):
+                    line = self.lines[index]
+                    if line is None:
+                        return None
+                    if regex.search(line):
+                        return line
+                    index += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+
+    def text(self):
+        with self._cond:
+            return "\n".join(line for line in self.lines if line is not None)
+
+
+class Gateway:
+    """A gateway process started with `args`; `.port` is its listen port."""
+
+    def __init__(self, args, launcher="module", env=None, wait_ready=True, preexec=None, cwd=None):
+        self.args = list(args)
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            (preexec or []) + launcher_argv(launcher) + self.args,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=full_env, cwd=cwd or str(ROOT),
+        )
+        self.log = LineReader(self.proc.stderr)
+        self.ready_line = None
+        if wait_ready:
+            self.ready_line = self.log.wait_for(READY_RE.pattern, timeout=30)
+            if self.ready_line is None:
+                self.stop()
+                raise AssertionError("gateway did not become ready:\n" + self.log.text())
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def wait(self, timeout=30):
+        return self.proc.wait(timeout=timeout)
+
+    def signal(self, signum):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signum)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def gateway_cli(args, launcher="module", timeout=30, env=None):
+    """Run the gateway to completion (for flag errors); returns CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    return subprocess.run(launcher_argv(launcher) + list(args), capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=str(ROOT), stdin=subprocess.DEVNULL)
+
+
+def fd_count(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def wait_until(predicate, timeout=20.0, interval=0.02):
+    """Poll `predicate` until it returns truthy or the deadline passes; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
