@@ -1,0 +1,290 @@
+"""Endpoints: parsing, health bookkeeping and the picking policy.
+
+Pure policy: no sockets, no clocks, no logging. The caller passes `now` (monotonic seconds) and a
+`random.Random`, and acts on what these functions return. `gateway.py` dials what `Pool.plan()`
+proposes and reports back with `mark_failed()` / `mark_up()`; discovery replaces the set with
+`Pool.replace()`.
+
+Picking follows RFC 2782: only the lowest priority class among the endpoints that are up is used,
+and inside it an endpoint is chosen at random in proportion to its weight (weight-0 endpoints only
+rarely). Two policies sit on top of that choice:
+
+* ``sticky`` (the behaviour etcd documents for its gateway): one endpoint is chosen once and serves
+  every new connection until it fails; then a new one is chosen.
+* ``round-robin`` (what the Go gateway's code actually does): every new connection moves on to the
+  next endpoint of the lowest priority class.
+"""
+import ipaddress
+import random
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+POLICIES = ("sticky", "round-robin")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One etcd member's client address. `host` is what the operator (or DNS) named; `address` is
+    the IP literal to dial once resolved (empty while unresolved)."""
+
+    host: str
+    port: int
+    priority: int = 0
+    weight: int = 1
+    address: str = ""
+    secure: bool = False
+
+    def __str__(self) -> str:
+        return format_hostport(self.host, self.port)
+
+    @property
+    def dial_host(self) -> str:
+        return self.address or self.host
+
+    @property
+    def key(self) -> Tuple[str, int]:
+        """Identity across discovery refreshes: the name and port, not the resolved address."""
+        return (self.host, self.port)
+
+
+def format_hostport(host: str, port: int) -> str:
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def split_hostport(text: str) -> Tuple[str, int]:
+    """Split `host:port` or `[v6]:port`; raise ValueError with a reason when malformed."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError("malformed address %r (want [IPv6]:PORT)" % text)
+        ipaddress.IPv6Address(host.split("%", 1)[0])
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError("missing port in address %r" % text)
+        if ":" in host:
+            raise ValueError("IPv6 address %r must be written as [ADDR]:PORT" % text)
+    if not host:
+        raise ValueError("missing host in address %r" % text)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError("invalid port in address %r" % text)
+    if not _is_valid_host(host):
+        raise ValueError("invalid host in address %r" % text)
+    return host, int(port_text)
+
+
+def _is_valid_host(host: str) -> bool:
+    if ":" in host:
+        return True  # already validated as IPv6 above
+    labels = host.rstrip(".").split(".")
+    return len(host) <= 253 and all(
+        0 < len(label) <= 63 and all(c.isalnum() or c in "-_" for c in label) for label in labels
+    )
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """Parse one `--endpoints` item. `http://` and `https://` prefixes are stripped, as etcd does."""
+    text = text.strip()
+    for scheme in ("http://", "https://"):
+        if text.startswith(scheme):
+            text = text[len(scheme):].rstrip("/")
+            break
+    host, port = split_hostport(text)
+    return Endpoint(host=host, port=port, address=host if _is_ip(host) else "")
+
+
+def parse_endpoints(text: str) -> List[Endpoint]:
+    """Parse a comma-separated list; empty items are ignored and duplicates kept once."""
+    seen: Dict[Tuple[str, int], Endpoint] = {}
+    for item in text.split(","):
+        if item.strip():
+            endpoint = parse_endpoint(item)
+            seen.setdefault(endpoint.key, endpoint)
+    return list(seen.values())
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def choose_weighted(candidates: Sequence[Endpoint], rng: random.Random) -> Endpoint:
+    """RFC 2782 selection inside one priority class.
+
+    Weight-0 endpoints are placed first and win only when the draw is 0, so they are chosen rarely
+    while any weighted endpoint exists. Unlike the Go gateway, the draw covers every weight exactly
+    (weights 1 and 1 give 50/50), and when all weights are 0 the choice is uniform.
+    """
+    total = sum(endpoint.weight for endpoint in candidates)
+    if total == 0:
+        return candidates[rng.randrange(len(candidates))]
+    ordered = sorted(candidates, key=lambda endpoint: endpoint.weight != 0)
+    has_zero = ordered[0].weight == 0
+    draw = rng.randint(0 if has_zero else 1, total)
+    running = 0
+    for endpoint in ordered:
+        running += endpoint.weight
+        if running >= draw:
+            return endpoint
+    return ordered[-1]
+
+
+def lowest_priority_class(candidates: Iterable[Endpoint]) -> List[Endpoint]:
+    candidates = list(candidates)
+    if not candidates:
+        return []
+    best = min(endpoint.priority for endpoint in candidates)
+    return [endpoint for endpoint in candidates if endpoint.priority == best]
+
+
+class Health:
+    """Mutable bookkeeping for one endpoint. `down_until` is None while the endpoint is up."""
+
+    __slots__ = ("endpoint", "down_until", "last_error", "active", "dial_failures")
+
+    def __init__(self, endpoint: Endpoint):
+        self.endpoint = endpoint
+        self.down_until: Optional[float] = None
+        self.last_error = ""
+        self.active = 0
+        self.dial_failures = 0
+
+    @property
+    def up(self) -> bool:
+        return self.down_until is None
+
+    def __repr__(self) -> str:
+        state = "up" if self.up else "down until %.3f" % self.down_until
+        return "<Health %s %s active=%d>" % (self.endpoint, state, self.active)
+
+
+class Pool:
+    """The current endpoint set, their health, and the policy that picks one for a new connection."""
+
+    def __init__(self, endpoints: Sequence[Endpoint], policy: str, retry_delay: float,
+                 rng: random.Random):
+        if policy not in POLICIES:
+            raise ValueError("unknown policy %r" % policy)
+        self.policy = policy
+        self.retry_delay = retry_delay
+        self.rng = rng
+        self._health: Dict[Tuple[str, int], Health] = {}
+        self._order: List[Endpoint] = []
+        self._current: Optional[Endpoint] = None
+        self._rotation = 0
+        self.replace(endpoints)
+
+    # -- the set ---------------------------------------------------------------------------------
+
+    @property
+    def endpoints(self) -> List[Endpoint]:
+        return list(self._order)
+
+    def health(self, endpoint: Endpoint) -> Health:
+        return self._health[endpoint.key]
+
+    def healths(self) -> List[Health]:
+        return [self._health[endpoint.key] for endpoint in self._order]
+
+    def replace(self, endpoints: Sequence[Endpoint]) -> Tuple[List[Endpoint], List[Endpoint]]:
+        """Install a new set; endpoints that stay keep their health. Returns (added, removed)."""
+        new_keys = {endpoint.key for endpoint in endpoints}
+        removed = [endpoint for endpoint in self._order if endpoint.key not in new_keys]
+        added = [endpoint for endpoint in endpoints if endpoint.key not in self._health]
+        health = {}
+        for endpoint in endpoints:
+            old = self._health.get(endpoint.key)
+            entry = old if old is not None else Health(endpoint)
+            entry.endpoint = endpoint
+            health[endpoint.key] = entry
+        self._health = health
+        self._order = list(endpoints)
+        if self._current is not None and self._current.key not in new_keys:
+            self._current = None
+        return added, removed
+
+    def contains(self, endpoint: Endpoint) -> bool:
+        return endpoint.key in self._health
+
+    # -- picking ---------------------------------------------------------------------------------
+
+    def plan(self) -> List[Endpoint]:
+        """The endpoints to try, in order, for one new connection.
+
+        First the policy's choice among the endpoints that are up, then the other up endpoints in
+        priority order, then the endpoints marked down: each is still tried once, so a client is
+        never refused for a whole retry delay just because every endpoint was marked down.
+        """
+        up = [endpoint for endpoint in self._order if self._health[endpoint.key].up]
+        down = [endpoint for endpoint in self._order if not self._health[endpoint.key].up]
+        down.sort(key=lambda endpoint: self._health[endpoint.key].down_until)
+        first = self._choose(up)
+        rest = sorted((endpoint for endpoint in up if endpoint is not first),
+                      key=lambda endpoint: endpoint.priority)
+        return ([first] if first is not None else []) + rest + down
+
+    def _choose(self, up: List[Endpoint]) -> Optional[Endpoint]:
+        best_class = lowest_priority_class(up)
+        if not best_class:
+            return None
+        if self.policy == "sticky":
+            if self._current is None or self._current not in best_class:
+                self._current = choose_weighted(best_class, self.rng)
+            return self._current
+        self._rotation = (self._rotation + 1) % len(best_class)
+        return best_class[self._rotation]
+
+    # -- health ----------------------------------------------------------------------------------
+
+    def mark_failed(self, endpoint: Endpoint, now: float, reason: str) -> bool:
+        """Record a failed dial or probe. Returns True when the endpoint has just gone down."""
+        entry = self._health.get(endpoint.key)
+        if entry is None:
+            return False
+        was_up = entry.up
+        entry.down_until = now + self.retry_delay
+        entry.last_error = reason
+        entry.dial_failures += 1
+        if self._current is not None and self._current.key == endpoint.key:
+            self._current = None
+        return was_up
+
+    def mark_up(self, endpoint: Endpoint) -> bool:
+        """Record a successful dial or probe. Returns True when the endpoint has just come back."""
+        entry = self._health.get(endpoint.key)
+        if entry is None or entry.up:
+            return False
+        entry.down_until = None
+        return True
+
+    def due_probes(self, now: float) -> List[Endpoint]:
+        """Down endpoints whose retry delay has passed. Each is pushed a retry delay further, so a
+        probe in flight is not started twice; a failed probe calls `mark_failed` again."""
+        due = []
+        for entry in self._health.values():
+            if entry.down_until is not None and entry.down_until <= now:
+                entry.down_until = now + self.retry_delay
+                due.append(entry.endpoint)
+        return due
+
+    def next_probe_deadline(self) -> Optional[float]:
+        deadlines = [entry.down_until for entry in self._health.values()
+                     if entry.down_until is not None]
+        return min(deadlines) if deadlines else None
+
+    def any_up(self) -> bool:
+        return any(entry.up for entry in self._health.values())
+
+    def connection_opened(self, endpoint: Endpoint) -> None:
+        entry = self._health.get(endpoint.key)
+        if entry is not None:
+            entry.active += 1
+
+    def connection_closed(self, endpoint: Endpoint) -> None:
+        entry = self._health.get(endpoint.key)
+        if entry is not None and entry.active > 0:
+            entry.active -= 1

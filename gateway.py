@@ -1,0 +1,1055 @@
+"""etcd-gateway: a transparent TCP proxy in front of an etcd cluster, drop-in for `etcd gateway start`.
+
+Architecture (one thread, standard library only):
+
+* ``Reactor`` is the mechanism: a `selectors` loop, a timer heap with an injectable monotonic
+  clock, and signal wake-up through `signal.set_wakeup_fd` on a socketpair. It knows nothing of
+  etcd, DNS or endpoints; handlers are objects with ``handle_io(sock, mask)`` and
+  ``handle_failure(exc)``, so a bug in one connection closes that connection only.
+* ``Dial`` is one non-blocking connect bounded by ``--dial-timeout``.
+* ``Relay`` pairs a client with an upstream. It moves DIALING -> RELAYING -> CLOSED; each of its
+  two ``Flow`` directions moves OPEN -> DRAINING (EOF seen, bytes still queued) -> SHUT. Nothing is
+  read from the client until an upstream is connected, so a failed dial is retried on the next
+  endpoint invisibly. Buffers are bounded by a high-water mark; a half-close is passed on once the
+  queue drained; a reset is passed on as a reset.
+* ``Gateway`` is the policy glue: the listener, the endpoint ``Pool`` (endpoints.py), probes of
+  failed endpoints, discovery refresh, metrics, signals and shutdown.
+* ``main()`` is the one entry point for `python -m gateway`, the console script and the .pyz.
+"""
+import argparse
+import errno
+import heapq
+import os
+import random
+import re
+import selectors
+import signal
+import socket
+import sys
+import time
+from typing import Callable, List, Optional, Sequence
+
+import endpoints as ep
+
+VERSION = "0.1.0"
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+
+# Back-pressure per direction, as asyncio's transports: stop reading a side once this much is queued
+# for its peer, resume once the queue fell to the low mark.
+HIGH_WATER_BYTES = 256 * 1024
+LOW_WATER_BYTES = 64 * 1024
+RECV_CHUNK_BYTES = 256 * 1024
+ACCEPT_BATCH = 64
+ACCEPT_PAUSE_DELAY = 0.25  # after EMFILE/ENFILE: the pending connections wait in the backlog
+KEEPALIVE_SECONDS = 15  # the Go gateway's net.Dialer/ListenConfig default
+LISTEN_BACKLOG = 4096
+
+# ====================================================================================== logging ==
+
+LEVELS = {"debug": 10, "info": 20, "warn": 30, "error": 40}
+
+
+def _format_ts(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + ".%03dZ" % (int(wall * 1000) % 1000)
+
+
+def _json_string(value: str) -> str:
+    """A JSON string literal without the json module (python3-minimal does not ship it)."""
+    out = ['"']
+    for char in value:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif ord(char) < 0x20:
+            out.append("\\u%04x" % ord(char))
+        else:
+            out.append(char)
+    out.append('"')
+    return "".join(out)
+
+
+def _json_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_json_value(item) for item in value) + "]"
+    return _json_string(str(value))
+
+
+def _text_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        value = "[" + ", ".join(str(item) for item in value) + "]"
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=') or any(ord(c) < 0x20 for c in text):
+        return _json_string(text)
+    return text
+
+
+class Log:
+    """One line per event on stderr, as text or JSON. Repeated identical warnings can be limited."""
+
+    def __init__(self, level: str = "info", fmt: str = "text", stream=None,
+                 wall_clock: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.monotonic):
+        self.threshold = LEVELS[level]
+        self.fmt = fmt
+        self.stream = stream if stream is not None else sys.stderr
+        self.wall_clock = wall_clock
+        self.clock = clock
+        self._limited = {}  # key -> [next allowed instant, suppressed count]
+
+    def enabled(self, level: str) -> bool:
+        return LEVELS[level] >= self.threshold
+
+    def emit(self, level: str, msg: str, **fields) -> None:
+        if LEVELS[level] < self.threshold:
+            return
+        ts = _format_ts(self.wall_clock())
+        if self.fmt == "json":
+            parts = ['"level":"%s"' % level, '"ts":"%s"' % ts, '"msg":' + _json_string(msg)]
+            parts += ["%s:%s" % (_json_string(k), _json_value(v)) for k, v in fields.items()]
+            line = "{" + ",".join(parts) + "}"
+        else:
+            line = " ".join([ts, level, msg] + ["%s=%s" % (k, _text_value(v)) for k, v in fields.items()])
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr gone: keep proxying rather than die on a log line
+
+    def limited(self, level: str, key: str, interval: float, msg: str, **fields) -> None:
+        """Emit at most one line per `key` per `interval`; the next one says how many were held back."""
+        now = self.clock()
+        entry = self._limited.get(key)
+        if entry is not None and now < entry[0]:
+            entry[1] += 1
+            return
+        suppressed = entry[1] if entry is not None else 0
+        self._limited[key] = [now + interval, 0]
+        if suppressed:
+            fields["suppressed"] = suppressed
+        self.emit(level, msg, **fields)
+
+    def debug(self, msg, **fields):
+        self.emit("debug", msg, **fields)
+
+    def info(self, msg, **fields):
+        self.emit("info", msg, **fields)
+
+    def warn(self, msg, **fields):
+        self.emit("warn", msg, **fields)
+
+    def error(self, msg, **fields):
+        self.emit("error", msg, **fields)
+
+
+# ========================================================================================== CLI ==
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3,
+                   "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go duration (`500ms`, `1m30s`, `2h45m`, `0`) into float seconds; negative is refused."""
+    if text == "0":
+        return 0.0
+    if not text:
+        raise ValueError("empty duration")
+    position, total = 0, 0.0
+    while position < len(text):
+        match = _DURATION_PART.match(text, position)
+        if match is None:
+            raise ValueError("invalid duration %r (examples: 500ms, 30s, 1m30s, 2h45m)" % text)
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 1:
+        return "%gms" % round(seconds * 1000, 3)
+    return "%gs" % round(seconds, 3)
+
+
+def _duration_arg(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def _endpoints_arg(text: str) -> List[ep.Endpoint]:
+    try:
+        return ep.parse_endpoints(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def _hostport_arg(text: str):
+    try:
+        return ep.split_hostport(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def _bool_arg(text: str) -> bool:
+    """pflag booleans accept `--flag` and `--flag=true|false` (and 1/0, t/f)."""
+    lowered = text.lower()
+    if lowered in ("1", "t", "true"):
+        return True
+    if lowered in ("0", "f", "false"):
+        return False
+    raise argparse.ArgumentTypeError("invalid boolean %r" % text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="etcd-gateway", allow_abbrev=False,
+        description="A transparent TCP proxy in front of an etcd cluster (drop-in for `etcd gateway`).")
+    parser.add_argument("--version", action="version", version="etcd-gateway " + VERSION)
+    commands = parser.add_subparsers(dest="command", metavar="start")
+    commands.required = True
+    start = commands.add_parser("start", allow_abbrev=False, help="start the gateway",
+                                description="Start the gateway.")
+    go = start.add_argument_group("flags of `etcd gateway start`")
+    go.add_argument("--listen-addr", type=_hostport_arg, default=("127.0.0.1", 23790),
+                    metavar="HOST:PORT", help="listen address (default 127.0.0.1:23790)")
+    go.add_argument("--endpoints", type=_endpoints_arg, action="append", metavar="LIST",
+                    help="comma separated etcd cluster endpoints (default 127.0.0.1:2379)")
+    go.add_argument("--retry-delay", type=_duration_arg, default=60.0, metavar="DURATION",
+                    help="how long a failed endpoint stays out before it is retried (default 1m)")
+    go.add_argument("--discovery-srv", default="", metavar="DOMAIN",
+                    help="DNS domain used to bootstrap the cluster endpoints")
+    go.add_argument("--discovery-srv-name", default="", metavar="NAME",
+                    help="service name to query when using DNS discovery")
+    go.add_argument("--insecure-discovery", type=_bool_arg, nargs="?", const=True, default=False,
+                    metavar="BOOL", help="accept insecure SRV records")
+    go.add_argument("--trusted-ca-file", default="", metavar="PATH",
+                    help="CA file for verifying the discovered TLS endpoints")
+    ext = start.add_argument_group("extensions (not in the Go gateway)")
+    ext.add_argument("--dial-timeout", type=_duration_arg, default=1.0, metavar="DURATION",
+                     help="upstream connect timeout (default 1s)")
+    ext.add_argument("--policy", choices=ep.POLICIES, default="sticky",
+                     help="sticky: one endpoint until it fails; round-robin: the next one for "
+                          "every connection (default sticky)")
+    ext.add_argument("--shutdown-timeout", type=_duration_arg, default=10.0, metavar="DURATION",
+                     help="how long open connections may run after SIGTERM/SIGINT (default 10s)")
+    ext.add_argument("--log-level", choices=tuple(LEVELS), default="info")
+    ext.add_argument("--log-format", choices=("text", "json"), default="text")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]]):
+    options = build_parser().parse_args(argv)
+    options.endpoints_given = options.endpoints is not None
+    if options.endpoints is None:
+        options.endpoints = [ep.parse_endpoint("127.0.0.1:2379")]
+    else:  # pflag string slices accumulate over repeated flags
+        unique = {}
+        for group in options.endpoints:
+            for endpoint in group:
+                unique.setdefault(endpoint.key, endpoint)
+        options.endpoints = list(unique.values())
+    return options
+
+
+class ConfigError(Exception):
+    """Bad configuration: reported as one line on stderr, exit status 1."""
+
+
+# ====================================================================================== reactor ==
+
+class Timer:
+    __slots__ = ("when", "callback", "args", "cancelled")
+
+    def __init__(self, when: float, callback, args):
+        self.when = when
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Reactor:
+    """A selectors loop with timers and signals. Mechanism only: it runs what it is given.
+
+    Registered handlers are objects with ``handle_io(sock, mask)`` and ``handle_failure(exc)``;
+    an exception escaping ``handle_io`` is passed to the same handler's ``handle_failure``.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, log: Optional[Log] = None):
+        self.clock = clock
+        self.log = log or Log()
+        self.selector = selectors.DefaultSelector()
+        self._timers: List = []  # heap of (when, seq, Timer)
+        self._seq = 0
+        self._cancelled_in_heap = 0
+        self._running = False
+        self._signal_handlers = {}
+        self._wake_r = self._wake_w = None
+
+    # -- sockets -------------------------------------------------------------------------------
+
+    def register(self, sock, events: int, handler) -> None:
+        self.selector.register(sock, events, handler)
+
+    def modify(self, sock, events: int, handler) -> None:
+        self.selector.modify(sock, events, handler)
+
+    def unregister(self, sock) -> None:
+        self.selector.unregister(sock)
+
+    # -- timers --------------------------------------------------------------------------------
+
+    def call_later(self, delay: float, callback, *args) -> Timer:
+        timer = Timer(self.clock() + delay, callback, args)
+        self._seq += 1
+        heapq.heappush(self._timers, (timer.when, self._seq, timer))
+        return timer
+
+    def cancel(self, timer: Optional[Timer]) -> None:
+        if timer is not None and not timer.cancelled:
+            timer.cancel()
+            self._cancelled_in_heap += 1
+            # Dial timers are cancelled by the thousand under churn; do not let the heap hoard them.
+            if self._cancelled_in_heap > 512 and self._cancelled_in_heap * 2 > len(self._timers):
+                self._timers = [entry for entry in self._timers if not entry[2].cancelled]
+                heapq.heapify(self._timers)
+                self._cancelled_in_heap = 0
+
+    def _run_due_timers(self) -> None:
+        now = self.clock()
+        while self._timers and self._timers[0][0] <= now:
+            timer = heapq.heappop(self._timers)[2]
+            if timer.cancelled:
+                self._cancelled_in_heap -= 1
+                continue
+            timer.cancelled = True  # fired: a later cancel() is a no-op
+            try:
+                timer.callback(*timer.args)
+            except Exception as exc:  # a bug in one timer must not stop the gateway
+                self.log.error("timer callback failed", callback=repr(timer.callback), error=repr(exc))
+
+    def _select_timeout(self) -> Optional[float]:
+        if not self._timers:
+            return None
+        return max(0.0, self._timers[0][0] - self.clock())
+
+    # -- signals -------------------------------------------------------------------------------
+
+    def add_signal_handler(self, signum: int, callback) -> None:
+        """Run `callback(signum)` from the loop. A flag alone would not wake `select`: the C-level
+        handler writes the signal number to a socketpair that the loop watches."""
+        if self._wake_r is None:
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+            signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+            self.register(self._wake_r, EVENT_READ, _SignalWake(self))
+        self._signal_handlers[signum] = callback
+        signal.signal(signum, lambda _signum, _frame: None)
+
+    def _dispatch_signals(self) -> None:
+        try:
+            data = self._wake_r.recv(64)
+        except (BlockingIOError, InterruptedError):
+            return
+        for signum in data:
+            callback = self._signal_handlers.get(signum)
+            if callback is not None:
+                callback(signum)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until stop(): fire due timers, wait for I/O until the next timer, dispatch."""
+        self._running = True
+        select = self.selector.select
+        while self._running:
+            self._run_due_timers()
+            if not self._running:
+                break
+            for key, mask in select(self._select_timeout()):
+                handler = key.data
+                try:
+                    handler.handle_io(key.fileobj, mask)
+                except Exception as exc:
+                    self._handler_failed(handler, exc)
+
+    def _handler_failed(self, handler, exc: Exception) -> None:
+        try:
+            handler.handle_failure(exc)
+        except Exception as second:
+            self.log.error("failure handler failed", handler=repr(handler), error=repr(second))
+
+    def stop(self) -> None:
+        self._running = False
+
+    def close(self) -> None:
+        if self._wake_r is not None:
+            signal.set_wakeup_fd(-1)
+            for signum in self._signal_handlers:
+                signal.signal(signum, signal.SIG_DFL)
+            self.selector.unregister(self._wake_r)
+            self._wake_r.close()
+            self._wake_w.close()
+            self._wake_r = self._wake_w = None
+        self.selector.close()
+
+
+class _SignalWake:
+    def __init__(self, reactor: Reactor):
+        self.reactor = reactor
+
+    def handle_io(self, sock, mask):
+        self.reactor._dispatch_signals()
+
+    def handle_failure(self, exc):
+        self.reactor.log.error("signal dispatch failed", error=repr(exc))
+
+
+# ==================================================================================== sockets ==
+
+def tune_stream(sock: socket.socket) -> None:
+    """TCP_NODELAY (etcd's gRPC frames are small) and 15 s keep-alive on every relayed stream."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_SECONDS)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_SECONDS)
+
+
+def abort(sock: socket.socket) -> None:
+    """Close with RST rather than FIN: how a reset is passed on to the other side."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    sock.close()
+
+
+def error_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or exc.__class__.__name__
+
+
+def sockaddr_for(host: str, port: int):
+    """An (family, sockaddr) pair for an IP literal."""
+    if ":" in host:
+        return socket.AF_INET6, (host, port, 0, 0)
+    return socket.AF_INET, (host, port)
+
+
+# ======================================================================================= dial ==
+
+class Dial:
+    """One non-blocking connect bounded by a timeout. Calls `on_done(sock, None)` with a connected
+    socket, or `on_done(None, reason)`; exactly once, unless cancelled."""
+
+    def __init__(self, reactor: Reactor, endpoint: ep.Endpoint, timeout: float, on_done):
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.on_done = on_done
+        self.sock = None
+        self.timer = None
+        family, address = sockaddr_for(endpoint.dial_host, endpoint.port)
+        try:
+            self.sock = socket.socket(family, socket.SOCK_STREAM)
+            self.sock.setblocking(False)
+            code = self.sock.connect_ex(address)
+        except OSError as exc:
+            self._finish(None, error_reason(exc))
+            return
+        if code == 0:
+            self._finish(self.sock, None)
+        elif code in (errno.EINPROGRESS, errno.EAGAIN):
+            reactor.register(self.sock, EVENT_WRITE, self)
+            self.timer = reactor.call_later(timeout, self._timed_out, timeout)
+        else:
+            self._finish(None, os.strerror(code).lower())
+
+    def __repr__(self):
+        return "<Dial %s>" % self.endpoint
+
+    def handle_io(self, sock, mask):
+        if self.sock is None:
+            return  # cancelled earlier in this same batch of events
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self.reactor.unregister(sock)
+        self.reactor.cancel(self.timer)
+        if code == 0:
+            self._finish(sock, None)
+        else:
+            self._finish(None, os.strerror(code).lower())
+
+    def handle_failure(self, exc):
+        self.cancel()
+        self.on_done(None, error_reason(exc))
+
+    def _timed_out(self, timeout):
+        self.reactor.unregister(self.sock)
+        self._finish(None, "dial timeout after " + format_duration(timeout))
+
+    def _finish(self, sock, reason):
+        if sock is None and self.sock is not None:
+            self.sock.close()
+        self.sock = None
+        self.on_done(sock, reason)
+
+    def cancel(self) -> None:
+        """Abandon the dial without a callback."""
+        self.reactor.cancel(self.timer)
+        if self.sock is not None:
+            try:
+                self.reactor.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+            self.sock.close()
+            self.sock = None
+
+
+# ====================================================================================== relay ==
+
+OPEN, DRAINING, SHUT = "open", "draining", "shut"
+
+
+class Flow:
+    """One direction of a relay: bytes read from `src` and queued for `dst`."""
+
+    __slots__ = ("name", "src", "dst", "queue", "state", "total", "paused")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.src = None
+        self.dst = None
+        self.queue = bytearray()
+        self.state = OPEN
+        self.total = 0
+        self.paused = False
+
+    def wants_read(self) -> bool:
+        """Read while open, with hysteresis: pause at the high mark, resume at the low mark."""
+        if self.state is not OPEN:
+            return False
+        if self.paused:
+            self.paused = len(self.queue) > LOW_WATER_BYTES
+        else:
+            self.paused = len(self.queue) >= HIGH_WATER_BYTES
+        return not self.paused
+
+    def wants_write(self) -> bool:
+        return bool(self.queue)
+
+
+class Relay:
+    """A client connection and its upstream. DIALING -> RELAYING -> CLOSED."""
+
+    DIALING, RELAYING, CLOSED = "dialing", "relaying", "closed"
+
+    def __init__(self, gateway, client_sock: socket.socket, peer):
+        self.gateway = gateway
+        self.reactor = gateway.reactor
+        self.client_sock = client_sock
+        self.upstream_sock = None
+        self.peer = peer
+        self.state = self.DIALING
+        self.plan = gateway.pool.plan()
+        self.endpoint = None
+        self.dial = None
+        self.started = self.reactor.clock()
+        self.up = Flow("client_to_upstream")
+        self.down = Flow("upstream_to_client")
+        self.client_mask = 0
+        self.upstream_mask = 0
+
+    def __repr__(self):
+        return "<Relay %s client=%s upstream=%s up=%s down=%s>" % (
+            self.state, ep.format_hostport(*self.peer[:2]) if self.peer else "?",
+            self.endpoint, self.up.state, self.down.state)
+
+    # -- dialing ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._dial_next()
+
+    def _dial_next(self) -> None:
+        if self.state is not self.DIALING:
+            return
+        if not self.plan:
+            self.gateway.no_upstream(self)
+            self._close()
+            return
+        self.endpoint = self.plan.pop(0)
+        dial = Dial(self.reactor, self.endpoint, self.gateway.dial_timeout, self._dialed)
+        if dial.sock is not None:  # still in flight (a synchronous result already moved on)
+            self.dial = dial
+
+    def _dialed(self, sock, reason) -> None:
+        self.dial = None
+        if sock is None:
+            self.gateway.dial_failed(self.endpoint, reason)
+            self._dial_next()
+            return
+        self.upstream_sock = sock
+        try:
+            tune_stream(sock)
+        except OSError:
+            pass  # the peer may already be gone: the first recv will tell
+        self.up.src, self.up.dst = self.client_sock, sock
+        self.down.src, self.down.dst = sock, self.client_sock
+        self.state = self.RELAYING
+        self.gateway.relay_connected(self)
+        self._update_interest()
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def handle_io(self, sock, mask) -> None:
+        if self.state is not self.RELAYING:
+            return  # closed earlier in this same batch of events
+        client = sock is self.client_sock
+        if mask & EVENT_WRITE:
+            self._flush(self.down if client else self.up)
+        if mask & EVENT_READ and self.state is self.RELAYING:
+            self._pump(self.up if client else self.down)
+        if self.state is self.RELAYING:
+            self._update_interest()
+
+    def handle_failure(self, exc) -> None:
+        self.gateway.relay_failed(self, exc)
+        self._reset_both()
+
+    def _pump(self, flow: Flow) -> None:
+        """Read what `flow.src` has and send it at once; queue only what the peer did not take."""
+        buf = self.gateway.recv_buffer
+        try:
+            count = flow.src.recv_into(buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._reset_both()  # a reset from one side is passed on as a reset to the other
+            return
+        if count == 0:
+            self._eof(flow)
+            return
+        flow.total += count
+        if flow.queue:
+            flow.queue += self.gateway.recv_view[:count]
+            return
+        try:
+            sent = flow.dst.send(self.gateway.recv_view[:count])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._reset_both()
+            return
+        if sent < count:
+            flow.queue += self.gateway.recv_view[sent:count]
+
+    def _flush(self, flow: Flow) -> None:
+        if flow.queue:
+            try:
+                sent = flow.dst.send(flow.queue)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._reset_both()
+                return
+            del flow.queue[:sent]
+        if not flow.queue and flow.state is DRAINING:
+            self._shut(flow)
+
+    def _eof(self, flow: Flow) -> None:
+        flow.state = DRAINING
+        if not flow.queue:
+            self._shut(flow)
+
+    def _shut(self, flow: Flow) -> None:
+        """The queue has drained after EOF: pass the half-close on."""
+        flow.state = SHUT
+        try:
+            flow.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is gone already; its own read side will report it
+        if self.up.state is SHUT and self.down.state is SHUT:
+            self._close()
+
+    def _update_interest(self) -> None:
+        """Derive both sockets' selector masks from the flows; touch the selector only on change."""
+        client_mask = (EVENT_READ if self.up.wants_read() else 0) | (EVENT_WRITE if self.down.queue else 0)
+        upstream_mask = (EVENT_READ if self.down.wants_read() else 0) | (EVENT_WRITE if self.up.queue else 0)
+        if client_mask != self.client_mask:
+            self._apply_mask(self.client_sock, self.client_mask, client_mask)
+            self.client_mask = client_mask
+        if upstream_mask != self.upstream_mask:
+            self._apply_mask(self.upstream_sock, self.upstream_mask, upstream_mask)
+            self.upstream_mask = upstream_mask
+
+    def _apply_mask(self, sock, old: int, new: int) -> None:
+        if old == 0:
+            self.reactor.register(sock, new, self)
+        elif new == 0:
+            self.reactor.unregister(sock)
+        else:
+            self.reactor.modify(sock, new, self)
+
+    # -- endings ---------------------------------------------------------------------------------
+
+    def _reset_both(self) -> None:
+        self._close(reset=True)
+
+    def abort(self) -> None:
+        """Close both sides now (shutdown timeout, endpoint evicted)."""
+        self._close(reset=True)
+
+    def _close(self, reset: bool = False) -> None:
+        if self.state is self.CLOSED:
+            return
+        was_relaying = self.state is self.RELAYING
+        self.state = self.CLOSED
+        if self.dial is not None:
+            self.dial.cancel()
+            self.dial = None
+        for sock, mask in ((self.client_sock, self.client_mask), (self.upstream_sock, self.upstream_mask)):
+            if sock is None:
+                continue
+            if mask:
+                self.reactor.unregister(sock)
+            if reset:
+                abort(sock)
+            else:
+                sock.close()
+        self.client_mask = self.upstream_mask = 0
+        self.gateway.relay_closed(self, was_relaying, reset)
+
+
+# ===================================================================================== gateway ==
+
+class Listener:
+    """Accepts clients in bounded batches; pauses on EMFILE/ENFILE instead of spinning or exiting."""
+
+    def __init__(self, gateway, sock: socket.socket):
+        self.gateway = gateway
+        self.sock = sock
+        self.paused = False
+
+    def __repr__(self):
+        return "<Listener %s>" % (self.sock.getsockname(),)
+
+    def handle_io(self, sock, mask) -> None:
+        if self.gateway.listener is not self:
+            return  # closed at shutdown earlier in this same batch of events
+        for _ in range(ACCEPT_BATCH):
+            try:
+                client_sock, peer = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.gateway.accept_exhausted(exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # the client gave up in the backlog
+                raise
+            self.gateway.accepted(client_sock, peer)
+
+    def handle_failure(self, exc) -> None:
+        self.gateway.log.limited("error", "accept", 5.0, "accept failed", error=repr(exc))
+
+
+class Gateway:
+    """The policy glue between the reactor, the endpoint pool and the relays."""
+
+    def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, dial_timeout: float,
+                 shutdown_timeout: float):
+        self.reactor = reactor
+        self.pool = pool
+        self.log = log
+        self.dial_timeout = dial_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.recv_buffer = bytearray(RECV_CHUNK_BYTES)
+        self.recv_view = memoryview(self.recv_buffer)
+        self.listener = None
+        self.relays = set()
+        self.probe_timer = None
+        self.probing = set()
+        self.shutting_down = False
+        self.stats = {"connections_total": 0, "client_to_upstream": 0, "upstream_to_client": 0}
+
+    # -- listener --------------------------------------------------------------------------------
+
+    def listen(self, sock: socket.socket) -> None:
+        self.listener = Listener(self, sock)
+        self.reactor.register(sock, EVENT_READ, self.listener)
+
+    def accepted(self, client_sock: socket.socket, peer) -> None:
+        client_sock.setblocking(False)
+        try:
+            tune_stream(client_sock)
+        except OSError:
+            client_sock.close()  # reset before we saw it
+            return
+        self.stats["connections_total"] += 1
+        relay = Relay(self, client_sock, peer)
+        self.relays.add(relay)
+        relay.start()
+
+    def accept_exhausted(self, exc: OSError) -> None:
+        """Out of descriptors: leave the pending clients in the backlog for a moment. Staying
+        registered would spin on a level-triggered readable listener."""
+        self.log.limited("warn", "accept-exhausted", 5.0, "accept paused", reason=error_reason(exc),
+                         active=len(self.relays))
+        self.reactor.unregister(self.listener.sock)
+        self.listener.paused = True
+        self.reactor.call_later(ACCEPT_PAUSE_DELAY, self._resume_accept)
+
+    def _resume_accept(self) -> None:
+        if self.listener is not None and self.listener.paused and not self.shutting_down:
+            self.listener.paused = False
+            self.reactor.register(self.listener.sock, EVENT_READ, self.listener)
+
+    # -- relay events ------------------------------------------------------------------------------
+
+    def dial_failed(self, endpoint: ep.Endpoint, reason: str) -> None:
+        if self.pool.mark_failed(endpoint, self.reactor.clock(), reason):
+            self.log.warn("endpoint down", endpoint=str(endpoint), reason=reason,
+                          retry_delay=format_duration(self.pool.retry_delay))
+        self._schedule_probe()
+
+    def relay_connected(self, relay: Relay) -> None:
+        if self.pool.mark_up(relay.endpoint):
+            self.log.info("endpoint up", endpoint=str(relay.endpoint), reason="dial succeeded")
+        self.pool.connection_opened(relay.endpoint)
+
+    def no_upstream(self, relay: Relay) -> None:
+        self.log.limited("warn", "no-upstream", 5.0, "no endpoint reachable, closing client",
+                         endpoints=[str(e) for e in self.pool.endpoints])
+
+    def relay_failed(self, relay: Relay, exc: BaseException) -> None:
+        self.log.limited("error", "relay-bug:" + type(exc).__name__, 5.0, "connection failed",
+                         relay=repr(relay), error=repr(exc))
+
+    def relay_closed(self, relay: Relay, was_relaying: bool, reset: bool) -> None:
+        self.relays.discard(relay)
+        self.stats["client_to_upstream"] += relay.up.total
+        self.stats["upstream_to_client"] += relay.down.total
+        if was_relaying:
+            self.pool.connection_closed(relay.endpoint)
+        if self.log.threshold <= LEVELS["debug"]:
+            self.log.debug("connection closed", endpoint=str(relay.endpoint), bytes_in=relay.up.total,
+                           bytes_out=relay.down.total, reset=reset,
+                           duration=format_duration(self.reactor.clock() - relay.started))
+        if self.shutting_down and not self.relays:
+            self.reactor.stop()
+
+    # -- probes of failed endpoints ----------------------------------------------------------------
+
+    def _schedule_probe(self) -> None:
+        deadline = self.pool.next_probe_deadline()
+        if deadline is None:
+            return
+        if self.probe_timer is not None and not self.probe_timer.cancelled:
+            if self.probe_timer.when <= deadline:
+                return
+            self.reactor.cancel(self.probe_timer)
+        self.probe_timer = self.reactor.call_later(max(0.0, deadline - self.reactor.clock()),
+                                                   self._run_probes)
+
+    def _run_probes(self) -> None:
+        self.probe_timer = None
+        for endpoint in self.pool.due_probes(self.reactor.clock()):
+            self._probe(endpoint)
+        self._schedule_probe()
+
+    def _probe(self, endpoint: ep.Endpoint) -> None:
+        def done(sock, reason):
+            self.probing.discard(probe)
+            if sock is not None:
+                sock.close()
+                if self.pool.mark_up(endpoint):
+                    self.log.info("endpoint up", endpoint=str(endpoint), reason="probe succeeded")
+            else:
+                self.pool.mark_failed(endpoint, self.reactor.clock(), reason)
+                self._schedule_probe()
+        probe = None
+        probe = Dial(self.reactor, endpoint, self.dial_timeout, done)
+        if probe.sock is not None:
+            self.probing.add(probe)
+
+    # -- shutdown ----------------------------------------------------------------------------------
+
+    def begin_shutdown(self, signum: int) -> None:
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        name = signal.Signals(signum).name
+        self.log.info("shutting down", signal=name, active=len(self.relays),
+                      shutdown_timeout=format_duration(self.shutdown_timeout))
+        sd_notify("STOPPING=1")
+        if self.listener is not None:
+            if not self.listener.paused:
+                self.reactor.unregister(self.listener.sock)
+            self.listener.sock.close()
+            self.listener = None
+        if not self.relays:
+            self.reactor.stop()
+            return
+        self.reactor.call_later(self.shutdown_timeout, self._shutdown_expired)
+
+    def _shutdown_expired(self) -> None:
+        if self.relays:
+            self.log.warn("shutdown timeout: closing open connections", active=len(self.relays))
+        for relay in list(self.relays):
+            relay.abort()
+        self.reactor.stop()
+
+    def close(self) -> None:
+        for relay in list(self.relays):
+            relay.abort()
+        for probe in list(self.probing):
+            probe.cancel()
+        self.probing.clear()
+        if self.listener is not None:
+            self.listener.sock.close()
+            self.listener = None
+
+
+# =================================================================================== start-up ==
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about readiness and stopping, as the Go gateway does."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError:
+        pass
+
+
+def raise_open_file_limit() -> None:
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def resolve_endpoint(endpoint: ep.Endpoint) -> ep.Endpoint:
+    if endpoint.address:
+        return endpoint
+    try:
+        infos = socket.getaddrinfo(endpoint.host, endpoint.port, 0, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError("cannot resolve endpoint %s: %s" % (endpoint, exc.args[-1]))
+    address = infos[0][4][0]
+    return ep.Endpoint(endpoint.host, endpoint.port, endpoint.priority, endpoint.weight, address,
+                       endpoint.secure)
+
+
+def is_local_address(host: str) -> bool:
+    """True when `host` is one of this machine's addresses (binding to it succeeds)."""
+    family, address = sockaddr_for(host, 0)
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(address)
+    except OSError:
+        return False
+    return True
+
+
+def check_not_self(endpoints: Sequence[ep.Endpoint], listen_host: str, listen_port: int) -> None:
+    """Refuse to proxy to ourselves: that loop would eat every descriptor."""
+    wildcard = listen_host in ("0.0.0.0", "::", "")
+    for endpoint in endpoints:
+        if endpoint.port != listen_port:
+            continue
+        if endpoint.address == listen_host or (wildcard and is_local_address(endpoint.address)):
+            raise ConfigError("endpoint %s is the gateway's own listen address %s"
+                              % (endpoint, ep.format_hostport(listen_host, listen_port)))
+
+
+def open_listener(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError("cannot resolve listen address %s: %s"
+                          % (ep.format_hostport(host, port), exc.args[-1]))
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError("cannot listen on %s: %s" % (ep.format_hostport(host, port), error_reason(exc)))
+    sock.setblocking(False)
+    return sock
+
+
+def run(options, log: Log) -> int:
+    if not options.endpoints:
+        raise ConfigError("no endpoints: give --endpoints or --discovery-srv")
+    endpoints = [resolve_endpoint(endpoint) for endpoint in options.endpoints]
+    raise_open_file_limit()
+    listener_sock = open_listener(*options.listen_addr)
+    try:
+        check_not_self(endpoints, *listener_sock.getsockname()[:2])
+    except ConfigError:
+        listener_sock.close()
+        raise
+    reactor = Reactor(log=log)
+    pool = ep.Pool(endpoints, options.policy, options.retry_delay, random.Random())
+    gateway = Gateway(reactor, pool, log, options.dial_timeout, options.shutdown_timeout)
+    log.info("starting etcd-gateway", version=VERSION, python=sys.version.split()[0], pid=os.getpid())
+    try:
+        gateway.listen(listener_sock)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            reactor.add_signal_handler(signum, gateway.begin_shutdown)
+        log.info("ready to proxy client requests to [%s]" % ", ".join(str(e) for e in endpoints),
+                 listen_addr=ep.format_hostport(*listener_sock.getsockname()[:2]),
+                 policy=options.policy)
+        sd_notify("READY=1")
+        reactor.run()
+    finally:
+        gateway.close()
+        reactor.close()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The one entry point: `python -m gateway`, the `etcd-gateway` script and the .pyz."""
+    try:
+        options = parse_args(argv)
+    except SystemExit as exc:  # argparse: 0 for --help, 2 for usage errors
+        return exc.code if isinstance(exc.code, int) else 2
+    log = Log(options.log_level, options.log_format)
+    try:
+        return run(options, log)
+    except ConfigError as exc:
+        sys.stderr.write("etcd-gateway: error: %s\n" % exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # no traceback for an operator; the type and message say enough
+        sys.stderr.write("etcd-gateway: fatal: %s: %s\n" % (type(exc).__name__, exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
