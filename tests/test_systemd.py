@@ -1,0 +1,119 @@
+"""systemd integration: the sd_notify protocol the unit's Type=notify relies on, and the unit file.
+
+systemd passes $NOTIFY_SOCKET (a unix datagram socket; a leading "@" means the abstract
+namespace) and waits for READY=1 before it starts units ordered after ours; STOPPING=1 tells it
+that the SIGTERM was seen and shutdown is under way. Here the test plays systemd's part.
+"""
+import os
+import shlex
+import signal
+import socket
+
+import pytest
+
+from support import ROOT, Gateway, free_port, gateway_cli
+from test_pyz import build_pyz
+
+UNIT = ROOT / "contrib" / "etcd-gateway.service"
+
+
+@pytest.fixture
+def upstream():
+    listener = socket.create_server(("127.0.0.1", 0))
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+def notify_socket(tmp_path, abstract):
+    """Bind the datagram socket systemd would; return (socket, value for $NOTIFY_SOCKET)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if abstract:
+        name = "etcd-gateway-test-{}-{}".format(os.getpid(), id(sock))
+        sock.bind("\0" + name)
+        value = "@" + name
+    else:
+        path = str(tmp_path / "notify")
+        sock.bind(path)
+        value = path
+    sock.settimeout(30)
+    return sock, value
+
+
+def receive_until(sock, wanted):
+    """Collect datagrams until one carries the assignment `wanted`; return all of them."""
+    seen = []
+    while True:
+        datagram = sock.recv(4096).decode()  # socket.timeout fails the test with a clear error
+        seen.append(datagram)
+        if wanted in datagram.split("\n"):
+            return seen
+
+
+@pytest.mark.parametrize("launcher", ["module", "pyz"])
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_ready_and_stopping_are_notified(tmp_path, upstream, launcher, abstract):
+    if launcher == "pyz":
+        build_pyz.build()
+    sock, value = notify_socket(tmp_path, abstract)
+    with sock:
+        listen_port = free_port()
+        args = ["start", "--listen-addr=127.0.0.1:%d" % listen_port,
+                "--endpoints=127.0.0.1:%d" % upstream]
+        with Gateway(args, launcher=launcher, env={"NOTIFY_SOCKET": value}) as gateway:
+            receive_until(sock, "READY=1")
+            # READY=1 means clients can connect now.
+            socket.create_connection(("127.0.0.1", listen_port), timeout=10).close()
+            gateway.signal(signal.SIGTERM)
+            receive_until(sock, "STOPPING=1")
+            assert gateway.wait() == 0, gateway.log.text()
+
+
+def test_without_notify_socket_nothing_breaks(upstream):
+    env = {"NOTIFY_SOCKET": ""}
+    args = ["start", "--listen-addr=127.0.0.1:%d" % free_port(), "--endpoints=127.0.0.1:%d" % upstream]
+    with Gateway(args, env=env) as gateway:
+        gateway.signal(signal.SIGTERM)
+        assert gateway.wait() == 0, gateway.log.text()
+
+
+# ---------------------------------------------------------------------------------------------
+# The unit file
+
+def unit_settings():
+    """[section] -> {key: [values]} with backslash continuations joined, as systemd reads it."""
+    sections, section, pending = {}, None, ""
+    for raw in UNIT.read_text().splitlines():
+        line = pending + raw.strip()
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            section = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, value = line.split("=", 1)
+        section.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def test_unit_is_notify_and_hardened():
+    service = unit_settings()["Service"]
+    expected = {"Type": "notify", "Restart": "on-failure", "DynamicUser": "yes",
+                "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+                "PrivateTmp": "yes", "LimitNOFILE": "65536"}
+    for key, value in expected.items():
+        assert service.get(key) == [value], key
+    assert "WantedBy" in unit_settings()["Install"]
+
+
+def test_unit_execstart_runs_the_pyz_with_valid_flags():
+    argv = shlex.split(unit_settings()["Service"]["ExecStart"][0])
+    assert argv[:3] == ["/usr/bin/python3", "/usr/local/lib/etcd-gateway.pyz", "start"]
+    assert "--listen-addr=127.0.0.1:23790" in argv
+    assert any(arg.startswith("--endpoints=") for arg in argv)
+    # Every flag of the unit is one the gateway's parser knows (checked without starting it).
+    usage = gateway_cli(["start", "--help"]).stdout
+    for arg in argv[3:]:
+        assert arg.split("=", 1)[0] in usage, arg
