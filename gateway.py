@@ -448,9 +448,13 @@ def sockaddr_for(host: str, port: int):
 
 # ======================================================================================= dial ==
 
+LOCAL_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
 class Dial:
-    """One non-blocking connect bounded by a timeout. Calls `on_done(sock, None)` with a connected
-    socket, or `on_done(None, reason)`; exactly once, unless cancelled."""
+    """One non-blocking connect bounded by a timeout. Calls `on_done(dial, sock, None)` with a
+    connected socket, or `on_done(dial, None, reason)`; exactly once, unless cancelled. `local_failure` is set when
+    the failure was ours (out of descriptors), not the endpoint's."""
 
     def __init__(self, reactor: Reactor, endpoint: ep.Endpoint, timeout: float, on_done):
         self.reactor = reactor
@@ -458,12 +462,14 @@ class Dial:
         self.on_done = on_done
         self.sock = None
         self.timer = None
+        self.local_failure = False
         family, address = sockaddr_for(endpoint.dial_host, endpoint.port)
         try:
             self.sock = socket.socket(family, socket.SOCK_STREAM)
             self.sock.setblocking(False)
             code = self.sock.connect_ex(address)
         except OSError as exc:
+            self.local_failure = exc.errno in LOCAL_ERRNOS
             self._finish(None, error_reason(exc))
             return
         if code == 0:
@@ -490,7 +496,7 @@ class Dial:
 
     def handle_failure(self, exc):
         self.cancel()
-        self.on_done(None, error_reason(exc))
+        self.on_done(self, None, error_reason(exc))
 
     def _timed_out(self, timeout):
         self.reactor.unregister(self.sock)
@@ -500,7 +506,7 @@ class Dial:
         if sock is None and self.sock is not None:
             self.sock.close()
         self.sock = None
-        self.on_done(sock, reason)
+        self.on_done(self, sock, reason)
 
     def cancel(self) -> None:
         """Abandon the dial without a callback."""
@@ -590,8 +596,12 @@ class Relay:
         if dial.sock is not None:  # still in flight (a synchronous result already moved on)
             self.dial = dial
 
-    def _dialed(self, sock, reason) -> None:
+    def _dialed(self, dial: "Dial", sock, reason) -> None:
         self.dial = None
+        if sock is None and dial.local_failure:
+            self.gateway.no_descriptors(self, reason)
+            self._close(reset=True)
+            return
         if sock is None:
             self.gateway.dial_failed(self.endpoint, reason)
             self._dial_next()
@@ -826,6 +836,10 @@ class Gateway:
             self.log.info("endpoint up", endpoint=str(relay.endpoint), reason="dial succeeded")
         self.pool.connection_opened(relay.endpoint)
 
+    def no_descriptors(self, relay: Relay, reason: str) -> None:
+        self.log.limited("warn", "no-descriptors", 5.0, "cannot dial upstream, closing client",
+                         reason=reason, active=len(self.relays))
+
     def no_upstream(self, relay: Relay) -> None:
         self.log.limited("warn", "no-upstream", 5.0, "no endpoint reachable, closing client",
                          endpoints=[str(e) for e in self.pool.endpoints])
@@ -867,7 +881,7 @@ class Gateway:
         self._schedule_probe()
 
     def _probe(self, endpoint: ep.Endpoint) -> None:
-        def done(sock, reason):
+        def done(_dial, sock, reason):
             self.probing.discard(probe)
             if sock is not None:
                 sock.close()
