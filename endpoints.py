@@ -142,9 +142,16 @@ def lowest_priority_class(candidates: Iterable[Endpoint]) -> List[Endpoint]:
 
 
 class Health:
-    """Mutable bookkeeping for one endpoint. `down_until` is None while the endpoint is up."""
+    """Mutable bookkeeping for one endpoint.
 
-    __slots__ = ("endpoint", "down_until", "last_error", "active", "dial_failures")
+    Two separate judgements: `up` (it accepts TCP connections; `down_until` is None) and `healthy`
+    (etcd's own /health says it can serve, when etcd-aware checks are on). A reachable but
+    unhealthy endpoint is still used when no healthy one is left, so that clients get etcd's own
+    error rather than a closed socket.
+    """
+
+    __slots__ = ("endpoint", "down_until", "last_error", "active", "dial_failures", "healthy",
+                 "check_failures", "check_successes")
 
     def __init__(self, endpoint: Endpoint):
         self.endpoint = endpoint
@@ -152,6 +159,9 @@ class Health:
         self.last_error = ""
         self.active = 0
         self.dial_failures = 0
+        self.healthy = True
+        self.check_failures = 0
+        self.check_successes = 0
 
     @property
     def up(self) -> bool:
@@ -166,12 +176,14 @@ class Pool:
     """The current endpoint set, their health, and the policy that picks one for a new connection."""
 
     def __init__(self, endpoints: Sequence[Endpoint], policy: str, retry_delay: float,
-                 rng: random.Random):
+                 rng: random.Random, failures_to_leave: int = 3, successes_to_return: int = 2):
         if policy not in POLICIES:
             raise ValueError("unknown policy %r" % policy)
         self.policy = policy
         self.retry_delay = retry_delay
         self.rng = rng
+        self.failures_to_leave = failures_to_leave
+        self.successes_to_return = successes_to_return
         self._health: Dict[Tuple[str, int], Health] = {}
         self._order: List[Endpoint] = []
         self._current: Optional[Endpoint] = None
@@ -215,16 +227,18 @@ class Pool:
     def plan(self) -> List[Endpoint]:
         """The endpoints to try, in order, for one new connection.
 
-        First the policy's choice among the endpoints that are up, then the other up endpoints in
-        priority order, then the endpoints marked down: each is still tried once, so a client is
-        never refused for a whole retry delay just because every endpoint was marked down.
+        First the policy's choice among the healthy endpoints that are up (among all that are up
+        when none is healthy), then the other up endpoints, healthy ones and lower priorities
+        first, then the endpoints marked down: each is still tried once, so a client is never
+        refused for a whole retry delay just because every endpoint was marked down.
         """
-        up = [endpoint for endpoint in self._order if self._health[endpoint.key].up]
-        down = [endpoint for endpoint in self._order if not self._health[endpoint.key].up]
-        down.sort(key=lambda endpoint: self._health[endpoint.key].down_until)
-        first = self._choose(up)
+        health = self._health
+        up = [endpoint for endpoint in self._order if health[endpoint.key].up]
+        down = [endpoint for endpoint in self._order if not health[endpoint.key].up]
+        down.sort(key=lambda endpoint: health[endpoint.key].down_until)
+        first = self._choose([endpoint for endpoint in up if health[endpoint.key].healthy] or up)
         rest = sorted((endpoint for endpoint in up if endpoint is not first),
-                      key=lambda endpoint: endpoint.priority)
+                      key=lambda endpoint: (not health[endpoint.key].healthy, endpoint.priority))
         return ([first] if first is not None else []) + rest + down
 
     def _choose(self, up: List[Endpoint]) -> Optional[Endpoint]:
@@ -260,6 +274,30 @@ class Pool:
             return False
         entry.down_until = None
         return True
+
+    def record_check(self, endpoint: Endpoint, ok: bool, reason: str = "") -> Optional[str]:
+        """Record one etcd health check. Returns "unhealthy" when the endpoint has just left the
+        rotation (after `failures_to_leave` failures in a row), "healthy" when it has just come
+        back (after `successes_to_return` successes in a row), else None: no flapping."""
+        entry = self._health.get(endpoint.key)
+        if entry is None:
+            return None
+        if ok:
+            entry.check_failures = 0
+            entry.check_successes += 1
+            if not entry.healthy and entry.check_successes >= self.successes_to_return:
+                entry.healthy = True
+                return "healthy"
+            return None
+        entry.check_successes = 0
+        entry.check_failures += 1
+        entry.last_error = reason
+        if entry.healthy and entry.check_failures >= self.failures_to_leave:
+            entry.healthy = False
+            if self._current is not None and self._current.key == endpoint.key:
+                self._current = None
+            return "unhealthy"
+        return None
 
     def due_probes(self, now: float) -> List[Endpoint]:
         """Down endpoints whose retry delay has passed. Each is pushed a retry delay further, so a

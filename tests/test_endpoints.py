@@ -223,3 +223,41 @@ def test_plan_always_covers_every_endpoint_exactly_once(actions, policy):
         assert sorted(plan, key=str) == sorted(endpoints, key=str)
         if pool.any_up():
             assert pool.health(plan[0]).up
+
+
+# -- etcd-aware health checks ------------------------------------------------------------------
+
+def test_three_failed_checks_take_an_endpoint_out_and_two_successes_bring_it_back():
+    endpoints, pool = _pool("sticky")
+    target = endpoints[0]
+    assert [pool.record_check(target, False, "no leader") for _ in range(3)] == [None, None, "unhealthy"]
+    assert not pool.health(target).healthy and pool.health(target).last_error == "no leader"
+    assert all(pool.plan()[0] != target for _ in range(30))
+    assert pool.record_check(target, True) is None
+    assert pool.record_check(target, False, "timeout") is None  # a failure resets the streak
+    assert [pool.record_check(target, True) for _ in range(2)] == [None, "healthy"]
+
+
+def test_a_success_between_failures_prevents_flapping():
+    endpoints, pool = _pool("sticky")
+    for ok in (False, False, True, False, False, True):
+        assert pool.record_check(endpoints[0], ok, "x") is None
+    assert pool.health(endpoints[0]).healthy
+
+
+def test_when_every_endpoint_is_unhealthy_reachable_ones_still_serve():
+    endpoints, pool = _pool("round-robin")
+    for endpoint in endpoints:
+        for _ in range(3):
+            pool.record_check(endpoint, False, "no leader")
+    plan = pool.plan()
+    assert sorted(plan, key=str) == sorted(endpoints, key=str)
+    pool.mark_failed(endpoints[1], 0.0, "refused")
+    assert pool.plan()[-1] == endpoints[1]  # the unreachable one comes last
+
+
+def test_unhealthy_endpoints_follow_healthy_ones_in_the_plan():
+    endpoints, pool = _pool("sticky")
+    for _ in range(3):
+        pool.record_check(endpoints[2], False, "x")
+    assert pool.plan()[-1] == endpoints[2]
