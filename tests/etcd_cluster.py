@@ -200,6 +200,17 @@ class EtcdCluster:
     def etcdctl(self, args: Sequence[str], endpoint=None,
                 timeout: float = ETCDCTL_PROCESS_TIMEOUT) -> subprocess.CompletedProcess:
         """Run etcdctl against `endpoint` ("HOST:PORT", a member index, or all members)."""
+        argv, env = self.etcdctl_command(args, endpoint)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
+                              stdin=subprocess.DEVNULL)
+
+    def etcdctl_popen(self, args: Sequence[str], endpoint=None, **popen_kwargs) -> subprocess.Popen:
+        """Start a long-running etcdctl (a watch); the caller stops it by PID."""
+        argv, env = self.etcdctl_command(args, endpoint)
+        return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, **popen_kwargs)
+
+    def etcdctl_command(self, args: Sequence[str], endpoint=None):
+        """The argv and environment of an etcdctl run (TLS flags added for a TLS cluster)."""
         if endpoint is None:
             addrs = self.endpoints
         elif isinstance(endpoint, int):
@@ -211,10 +222,10 @@ class EtcdCluster:
                 "--dial-timeout", ETCDCTL_DIAL_TIMEOUT, "--command-timeout", ETCDCTL_COMMAND_TIMEOUT]
         if self.tls:
             argv += ["--cacert", str(self.ca_path)]
+        # The caller's ETCDCTL_* variables would silently override these flags.
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
         env["ETCDCTL_API"] = "3"
-        return subprocess.run(argv + list(args), capture_output=True, text=True, timeout=timeout,
-                              env=env, stdin=subprocess.DEVNULL)
+        return argv + list(args), env
 
     def is_healthy(self, index: int, timeout: float = 1.0) -> bool:
         """True when member `index` answers its /health URL with "health":"true"."""
