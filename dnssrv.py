@@ -21,14 +21,14 @@ This module owns everything the gateway knows about DNS, and imports only the st
       next_deadline()       -> the earliest monotonic instant to call on_timeout(), or None
       feed(server, payload, now) -> True if the reply was accepted; forged, late or garbled
                                replies are ignored and the lookup keeps waiting
-      on_timeout(now), on_error(server, reason, now)
+      on_timeout(now)       -> call when now >= next_deadline()
+      on_error(query, reason, now) -> the driver could not send or receive that query
       done, result, error
 
   The gateway's reactor drives them with non-blocking sockets; `resolve_blocking` drives them
   with ordinary sockets at start-up.  Keeping the policy here and the sockets outside is what
   lets one thread serve relays while a refresh is in flight.
 """
-import enum
 import ipaddress
 import os
 import random
@@ -324,10 +324,10 @@ def _encode_rdata(record: Record) -> bytes:
             raise ValueError("%r is not a %s address" % (rdata, TYPE_NAMES[record.rtype]))
         return packed
     if record.rtype == TYPE_SRV:
-        srv = rdata  # type: SRV  # type: ignore[assignment]
-        return struct.pack("!HHH", srv.priority, srv.weight, srv.port) + encode_name(srv.target)
+        priority, weight, port, target = rdata  # type: ignore[misc]
+        return struct.pack("!HHH", priority, weight, port) + encode_name(target)
     if record.rtype == TYPE_CNAME:
-        return encode_name(rdata)  # type: ignore[arg-type]
+        return encode_name(str(rdata))
     return bytes(rdata)  # type: ignore[call-overload]
 
 
@@ -668,10 +668,9 @@ class Lookup:
         if query is not None and now >= query.deadline:
             self._next_server("%s timeout" % _server_text(query.server), now)
 
-    def on_error(self, server: Sequence, reason: str, now: float) -> None:
-        """The driver could not send to or receive from `server` (refused, unreachable...)."""
-        query = self._current
-        if query is not None and _same_server(server, query.server):
+    def on_error(self, query: Query, reason: str, now: float) -> None:
+        """The driver could not send or receive `query` (refused, reset, unreachable...)."""
+        if query is self._current:
             self._next_server("%s %s" % (_server_text(query.server), reason), now)
 
     # -- transitions ------------------------------------------------------------------------
@@ -790,9 +789,9 @@ class _Group:
             child.on_timeout(now)
         self._settle(now)
 
-    def on_error(self, server: Sequence, reason: str, now: float) -> None:
+    def on_error(self, query: Query, reason: str, now: float) -> None:
         for child in self._children:
-            child.on_error(server, reason, now)
+            child.on_error(query, reason, now)
         self._settle(now)
 
     def _spawn(self, child: object) -> None:
@@ -1057,7 +1056,7 @@ def _step(machine, selector: selectors.BaseSelector, exchanges: Dict[Query, _Exc
         try:
             exchanges[query] = _Exchange(query, selector)
         except OSError as exc:
-            machine.on_error(query.server, exc.strerror or str(exc), clock())
+            machine.on_error(query, exc.strerror or str(exc), clock())
     deadline = machine.next_deadline()
     timeout = None if deadline is None else max(0.0, deadline - clock())
     for key, _ in selector.select(timeout):
@@ -1067,7 +1066,7 @@ def _step(machine, selector: selectors.BaseSelector, exchanges: Dict[Query, _Exc
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:       # refused (ICMP), reset, unreachable: the next server
-            machine.on_error(exchange.query.server, exc.strerror or str(exc), clock())
+            machine.on_error(exchange.query, exc.strerror or str(exc), clock())
     machine.on_timeout(clock())
     waiting = machine.waiting()
     for query in [query for query in exchanges if query not in waiting]:

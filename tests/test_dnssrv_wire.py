@@ -179,16 +179,19 @@ def test_any_wire_name_survives_parse_and_build(wire_name, qid, qtype):
 text_names = st.lists(st.from_regex(r"[a-z0-9_][a-z0-9_-]{0,20}", fullmatch=True),
                       min_size=1, max_size=5).map(".".join)
 ttls = st.integers(0, 2 ** 31 - 1)
-records = st.one_of(
-    st.builds(lambda n, t, a: Record(n, TYPE_A, CLASS_IN, t, a), text_names, ttls, st.ip_addresses(v=4).map(str)),
-    st.builds(lambda n, t, a: Record(n, TYPE_AAAA, CLASS_IN, t, a), text_names, ttls, st.ip_addresses(v=6).map(str)),
-    st.builds(lambda n, t, c: Record(n, TYPE_CNAME, CLASS_IN, t, c), text_names, ttls, text_names),
-    st.builds(lambda n, t, p, w, port, target: Record(n, TYPE_SRV, CLASS_IN, t,
-                                                      dnssrv.SRV(p, w, port, target)),
-              text_names, ttls, st.integers(0, 65535), st.integers(0, 65535),
-              st.integers(0, 65535), text_names),
-    st.builds(lambda n, t, raw: Record(n, TYPE_TXT, CLASS_IN, t, raw), text_names, ttls, st.binary(max_size=40)),
-)
+
+
+def record_of(rtype, rdata):
+    return st.builds(lambda name, ttl, data: Record(name, rtype, CLASS_IN, ttl, data),
+                     text_names, ttls, rdata)
+
+
+srv_rdata = st.builds(dnssrv.SRV, st.integers(0, 65535), st.integers(0, 65535),
+                      st.integers(0, 65535), text_names)
+records = st.one_of(record_of(TYPE_A, st.ip_addresses(v=4).map(str)),
+                    record_of(TYPE_AAAA, st.ip_addresses(v=6).map(str)),
+                    record_of(TYPE_CNAME, text_names), record_of(TYPE_SRV, srv_rdata),
+                    record_of(TYPE_TXT, st.binary(max_size=40)))
 messages = st.builds(
     Message, id=st.integers(0, 0xFFFF), qr=st.booleans(), opcode=st.integers(0, 15),
     aa=st.booleans(), tc=st.booleans(), rd=st.booleans(), ra=st.booleans(),
