@@ -311,7 +311,7 @@ class EtcdCluster:
         os.kill(self.members[index].proc.pid, signal.SIGCONT)
 
     def restart(self, index: int, wait: bool = True, timeout: float = 30.0):
-        """Start a killed member again on the same data dir and ports."""
+        """Start member `index` again (killing it first if it runs) on its data dir and ports."""
         self.kill(index)
         self._spawn(index)
         if wait:
