@@ -219,7 +219,8 @@ class EtcdCluster:
             addrs = [endpoint]
         scheme = "https" if self.tls else "http"
         argv = [self.etcdctl_path, "--endpoints", ",".join(f"{scheme}://{a}" for a in addrs),
-                "--dial-timeout", ETCDCTL_DIAL_TIMEOUT, "--command-timeout", ETCDCTL_COMMAND_TIMEOUT]
+                "--dial-timeout", ETCDCTL_DIAL_TIMEOUT,
+                "--command-timeout", ETCDCTL_COMMAND_TIMEOUT]
         if self.tls:
             argv += ["--cacert", str(self.ca_path)]
         # The caller's ETCDCTL_* variables would silently override these flags.

@@ -8,7 +8,6 @@ healed (stopped members resumed, killed ones restarted) before every test.
 import json
 import os
 import selectors
-import signal
 import socket
 import subprocess
 import time
@@ -41,20 +40,22 @@ class EtcdGateway(Gateway):
 
     def assert_no_fd_leak(self):
         """Once every client has gone, the gateway holds no more descriptors than at start."""
+        fd_dir = f"/proc/{self.pid}/fd"
         assert wait_until(lambda: fd_count(self.pid) <= self.baseline_fds, timeout=10), (
-            sorted(os.readlink(f"/proc/{self.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{self.pid}/fd")))
+            self.baseline_fds, sorted(os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)))
 
 
 def ctl(cluster, gateway, *args):
     """etcdctl through the gateway, failing the test with its stderr and the gateway log."""
     result = cluster.etcdctl(list(args), endpoint=gateway.addr)
     assert result.returncode == 0, (
-        f"etcdctl {' '.join(args)} failed: {result.stderr}\n--- gateway log ---\n{gateway.log.text()}")
+        f"etcdctl {' '.join(args)} failed: {result.stderr}\n"
+        f"--- gateway log ---\n{gateway.log.text()}")
     return result
 
 
 def answered_by(cluster, gateway, *args):
-    """Run a `-w json` etcdctl command through the gateway; the index of the member that answered."""
+    """Run a `-w json` etcdctl command through the gateway; the index of the answering member."""
     result = ctl(cluster, gateway, "-w", "json", *args)
     return cluster.index_of(json.loads(result.stdout)["header"]["member_id"])
 
@@ -141,7 +142,8 @@ def test_kill_member_in_use_is_invisible_to_clients(etcd_cluster):  # noqa: F811
         assert not failures, f"{failures}\n--- gateway log ---\n{gateway.log.text()}"
         assert in_use not in members and sum(members.values()) == FAILOVER_COMMANDS
         dead = etcd_cluster.members[in_use].client_addr
-        assert gateway.log.wait_for(rf"endpoint down.*endpoint={dead}\b", timeout=5), gateway.log.text()
+        down = gateway.log.wait_for(rf"endpoint down.*endpoint={dead}\b", timeout=5)
+        assert down, gateway.log.text()
         gateway.assert_no_fd_leak()
 
 
