@@ -98,9 +98,14 @@ def _run(argv, timeout):
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
+def _find_debootstrap():
+    # /usr/sbin is not on every user's PATH, but that is where Debian installs it.
+    return shutil.which("debootstrap", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
 def ensure_debootstrap() -> str:
     """Path of debootstrap, installing Debian's package with apt-get when it is missing."""
-    found = shutil.which("debootstrap") or (os.path.exists("/usr/sbin/debootstrap") and "/usr/sbin/debootstrap")
+    found = _find_debootstrap()
     if found:
         return found
     if os.geteuid() != 0:
@@ -109,7 +114,7 @@ def ensure_debootstrap() -> str:
     result = subprocess.run("apt-get update -qq && apt-get install -y -qq debootstrap", shell=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, timeout=BUILD_TIMEOUT, env=env)
-    found = shutil.which("debootstrap") or (os.path.exists("/usr/sbin/debootstrap") and "/usr/sbin/debootstrap")
+    found = _find_debootstrap()
     if result.returncode != 0 or not found:
         raise MinimalRootError("could not install debootstrap:\n" + result.stdout[-3000:])
     return found

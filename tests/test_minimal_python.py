@@ -218,3 +218,18 @@ def test_pyz_isolated_on_host(pyz, echo):
     argv = [sys.executable, "-I", "-S", str(pyz)] + gateway_args(echo.port, listen_port, metrics_port)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     run_gateway_checks(argv, env, echo, listen_port, metrics_port)
+
+
+def test_apt_mirror_is_read_from_both_sources_formats(tmp_path):
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list").write_text(
+        "# deb http://commented.example/debian bookworm main\n"
+        "deb [arch=amd64 signed-by=/k.gpg] http://proxy.example:3142/debian bookworm-updates main\n")
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb-src\nURIs: http://src.example/debian\nSuites: bookworm\nComponents: main\n\n"
+        "Types: deb\nURIs: http://off.example/debian\nSuites: bookworm\nEnabled: no\n\n"
+        "Types: deb\n# a comment\nURIs: http://mirror.example/debian\n"
+        "Suites: bookworm bookworm-updates\nComponents: main\n")
+    assert minimal_root.apt_mirror("bookworm", tmp_path) == "http://mirror.example/debian"
+    assert minimal_root.apt_mirror("bookworm-updates", tmp_path) == "http://proxy.example:3142/debian"
+    assert minimal_root.apt_mirror("trixie", tmp_path) == minimal_root.FALLBACK_MIRROR
