@@ -36,7 +36,6 @@ import selectors
 import socket
 import struct
 import time
-from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 # ---------------------------------------------------------------------------------------------
@@ -546,15 +545,22 @@ def search_names(name: str, conf: ResolvConf) -> Tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, eq=False)
 class Query:
     """One DNS message to send to `server` over `transport` ('udp' or 'tcp'); the machine
     gives up on it at `deadline` (monotonic seconds).  Compared by identity, so a driver can
-    key its sockets by Query.  Over TCP, write `wire` (the payload with its length prefix)."""
-    server: Server
-    transport: str
-    payload: bytes
-    deadline: float
+    key its sockets by Query.  Over TCP, write `wire` (the payload with its length prefix).
+    A plain class, not a dataclass: python3-minimal has no `dataclasses` module."""
+
+    __slots__ = ("server", "transport", "payload", "deadline")
+
+    def __init__(self, server: Server, transport: str, payload: bytes, deadline: float):
+        self.server = server
+        self.transport = transport
+        self.payload = payload
+        self.deadline = deadline
+
+    def __repr__(self) -> str:
+        return "Query(server=%r, transport=%r, deadline=%r)" % (self.server, self.transport, self.deadline)
 
     @property
     def wire(self) -> bytes:

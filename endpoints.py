@@ -16,16 +16,15 @@ rarely). Two policies sit on top of that choice:
 """
 import ipaddress
 import random
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 POLICIES = ("sticky", "round-robin")
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(NamedTuple):
     """One etcd member's client address. `host` is what the operator (or DNS) named; `address` is
-    the IP literal to dial once resolved (empty while unresolved)."""
+    the IP literal to dial once resolved (empty while unresolved). A NamedTuple rather than a
+    dataclass: python3-minimal has no `dataclasses` module."""
 
     host: str
     port: int
@@ -316,6 +315,10 @@ class Pool:
 
     def any_up(self) -> bool:
         return any(entry.up for entry in self._health.values())
+
+    def any_usable(self) -> bool:
+        """At least one endpoint is reachable and (when checked) healthy."""
+        return any(entry.up and entry.healthy for entry in self._health.values())
 
     def connection_opened(self, endpoint: Endpoint) -> None:
         entry = self._health.get(endpoint.key)
