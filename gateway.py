@@ -237,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "every connection (default sticky)")
     ext.add_argument("--shutdown-timeout", type=_duration_arg, default=10.0, metavar="DURATION",
                      help="how long open connections may run after SIGTERM/SIGINT (default 10s)")
+    ext.add_argument("--metrics-addr", type=_hostport_arg, default=None, metavar="HOST:PORT",
+                     help="serve /metrics, /health and /endpoints over HTTP here (default off)")
+    ext.add_argument("--health-check", choices=("tcp", "etcd"), default="tcp",
+                     help="tcp: probe failed endpoints with a connect; etcd: also ask every "
+                          "endpoint's GET /health every --health-interval (default tcp)")
+    ext.add_argument("--health-interval", type=_duration_arg, default=5.0, metavar="DURATION",
+                     help="interval of etcd health checks (default 5s)")
     ext.add_argument("--log-level", choices=tuple(LEVELS), default="info")
     ext.add_argument("--log-format", choices=("text", "json"), default="text")
     return parser
@@ -738,6 +745,327 @@ class Relay:
         self.gateway.relay_closed(self, was_relaying, reset)
 
 
+# ===================================================================================== probes ==
+
+try:
+    import ssl
+    SSL_WOULD_BLOCK = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+except ImportError:  # some minimal Pythons lack it: TLS features then report that they cannot work
+    ssl = None
+    SSL_WOULD_BLOCK = ()
+
+PROBE_MAX_REPLY_BYTES = 64 * 1024
+
+
+class Probe:
+    """Connect, optionally complete a TLS handshake, optionally send `request` and read the reply
+    until EOF; non-blocking and bounded by one timeout. Calls `on_done(probe, ok, reply, reason)`
+    exactly once, unless cancelled. Used for TCP probes, TLS validation and etcd /health checks."""
+
+    def __init__(self, reactor: Reactor, endpoint: ep.Endpoint, timeout: float, on_done,
+                 tls_context=None, server_hostname: str = "", request: bytes = b""):
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.on_done = on_done
+        self.tls_context = tls_context
+        self.server_hostname = server_hostname or endpoint.host
+        self.pending = bytearray(request)
+        self.expects_reply = bool(request)
+        self.reply = bytearray()
+        self.sock = None
+        self.mask = 0
+        self.phase = "dial"
+        self.timer = reactor.call_later(timeout, self._finish, False, "timeout after " + format_duration(timeout))
+        dial = Dial(reactor, endpoint, timeout, self._connected)
+        self.dial = dial if dial.sock is not None else None
+
+    def __repr__(self):
+        return "<Probe %s %s>" % (self.endpoint, self.phase)
+
+    def _connected(self, dial, sock, reason) -> None:
+        self.dial = None
+        if sock is None:
+            self._finish(False, reason)
+            return
+        self.sock = sock
+        if self.tls_context is not None:
+            self.phase = "handshake"
+            self.sock = self.tls_context.wrap_socket(sock, server_hostname=self.server_hostname,
+                                                     do_handshake_on_connect=False)
+        else:
+            self.phase = "send" if self.expects_reply else "done"
+        self._advance()
+
+    def handle_io(self, sock, mask) -> None:
+        if self.phase != "closed":
+            self._advance()
+
+    def handle_failure(self, exc) -> None:
+        self._finish(False, error_reason(exc))
+
+    def _advance(self) -> None:
+        want = EVENT_READ
+        try:
+            if self.phase == "handshake":
+                self.sock.do_handshake()
+                self.phase = "send" if self.expects_reply else "done"
+            if self.phase == "send":
+                want = EVENT_WRITE
+                del self.pending[:self.sock.send(self.pending)]
+                if not self.pending:
+                    self.phase = "receive"
+            if self.phase == "receive":
+                want = EVENT_READ
+                self._receive()
+        except SSL_WOULD_BLOCK as exc:
+            want = EVENT_WRITE if isinstance(exc, ssl.SSLWantWriteError) else EVENT_READ
+        except (BlockingIOError, InterruptedError):
+            pass
+        except (OSError, ValueError) as exc:  # ssl.SSLError and certificate errors are OSErrors
+            self._finish(False, tls_reason(exc))
+            return
+        if self.phase == "done":
+            self._finish(True, "")
+        else:
+            self._want(want)
+
+    def _receive(self) -> None:
+        while True:
+            chunk = self.sock.recv(16384)
+            if not chunk:
+                self.phase = "done"
+                return
+            self.reply += chunk
+            if len(self.reply) > PROBE_MAX_REPLY_BYTES:
+                raise ValueError("reply larger than %d bytes" % PROBE_MAX_REPLY_BYTES)
+
+    def _want(self, mask: int) -> None:
+        if mask == self.mask:
+            return
+        if self.mask:
+            self.reactor.modify(self.sock, mask, self)
+        else:
+            self.reactor.register(self.sock, mask, self)
+        self.mask = mask
+
+    def _finish(self, ok: bool, reason: str) -> None:
+        if self.phase == "closed":
+            return
+        self.cancel()
+        self.on_done(self, ok, bytes(self.reply), reason)
+
+    def cancel(self) -> None:
+        """Abandon the probe without a callback."""
+        self.phase = "closed"
+        self.reactor.cancel(self.timer)
+        if self.dial is not None:
+            self.dial.cancel()
+            self.dial = None
+        if self.sock is not None:
+            if self.mask:
+                self.reactor.unregister(self.sock)
+                self.mask = 0
+            self.sock.close()
+            self.sock = None
+
+
+def tls_reason(exc: BaseException) -> str:
+    if ssl is not None and isinstance(exc, ssl.SSLCertVerificationError):
+        return "certificate verify failed: %s" % (exc.verify_message or exc.reason)
+    if ssl is not None and isinstance(exc, ssl.SSLError):
+        return "TLS error: %s" % (exc.reason or exc)
+    return error_reason(exc)
+
+
+def make_tls_context(ca_file: str):
+    """A client context that verifies the chain against `ca_file` (the system CAs when empty)."""
+    if ssl is None:
+        raise ConfigError("this Python has no ssl module: TLS endpoints cannot be verified")
+    try:
+        return ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("cannot load --trusted-ca-file %s: %s" % (ca_file, tls_reason(exc)))
+
+
+def health_request(endpoint: ep.Endpoint) -> bytes:
+    return ("GET /health HTTP/1.1\r\nHost: %s\r\nUser-Agent: etcd-gateway/%s\r\n"
+            "Accept: application/json\r\nConnection: close\r\n\r\n" % (endpoint, VERSION)).encode()
+
+
+def parse_health_reply(reply: bytes):
+    """(ok, reason) from etcd's reply to GET /health: 200 and {"health":"true"} is healthy."""
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].split()
+    if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/"):
+        return False, "not an HTTP reply"
+    compact = re.sub(rb"\s+", b"", body)
+    if status_line[1] == b"200" and b'"health":"true"' in compact:
+        return True, ""
+    found = re.search(rb'"reason":"([^"]*)"', compact)
+    detail = found.group(1).decode("ascii", "replace") if found and found.group(1) else ""
+    return False, "health %s%s" % (status_line[1].decode("ascii", "replace"),
+                                   ": " + detail if detail else "")
+
+
+# ===================================================================================== status ==
+
+STATUS_MAX_REQUEST_BYTES = 8192
+STATUS_REQUEST_TIMEOUT = 5.0
+HTTP_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+def http_response(code: int, content_type: str, body: bytes) -> bytes:
+    head = ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n"
+            % (code, HTTP_REASONS[code], content_type, len(body)))
+    if code == 405:
+        head += "Allow: GET\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+class StatusListener:
+    """The --metrics-addr port, served by the same reactor (http.server blocks, and
+    python3-minimal does not ship it)."""
+
+    def __init__(self, gateway, sock: socket.socket):
+        self.gateway = gateway
+        self.sock = sock
+        self.connections = set()
+
+    def __repr__(self):
+        return "<StatusListener %s>" % (self.sock.getsockname(),)
+
+    def handle_io(self, sock, mask) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in LOCAL_ERRNOS:
+                    return  # the main listener's pause logs it; scrapes retry
+                continue
+            conn.setblocking(False)
+            self.connections.add(StatusConnection(self, conn))
+
+    def handle_failure(self, exc) -> None:
+        self.gateway.log.limited("error", "status-accept", 5.0, "status accept failed", error=repr(exc))
+
+    def close(self) -> None:
+        for connection in list(self.connections):
+            connection.close()
+        self.gateway.reactor.unregister(self.sock)
+        self.sock.close()
+
+
+class StatusConnection:
+    """One HTTP/1.x request and its response. A request over 8 KiB or slower than 5 s is dropped,
+    so a client of this port cannot hold the gateway's memory or descriptors for long."""
+
+    def __init__(self, listener: StatusListener, sock: socket.socket):
+        self.listener = listener
+        self.reactor = listener.gateway.reactor
+        self.sock = sock
+        self.request = bytearray()
+        self.response = b""
+        self.reactor.register(sock, EVENT_READ, self)
+        self.timer = self.reactor.call_later(STATUS_REQUEST_TIMEOUT, self.close)
+
+    def __repr__(self):
+        return "<StatusConnection fd=%d>" % self.sock.fileno()
+
+    def handle_io(self, sock, mask) -> None:
+        if self.sock is None:
+            return
+        if self.response:
+            self._send()
+            return
+        chunk = sock.recv(4096)
+        if not chunk:
+            self.close()
+            return
+        self.request += chunk
+        if b"\r\n\r\n" in self.request:
+            self.response = self._respond(bytes(self.request))
+            self.reactor.modify(sock, EVENT_WRITE, self)
+            self._send()
+        elif len(self.request) > STATUS_MAX_REQUEST_BYTES:
+            self.close()
+
+    def _respond(self, request: bytes) -> bytes:
+        parts = request.split(b"\r\n", 1)[0].split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            return http_response(404, "text/plain", b"bad request\n")
+        if parts[0] != b"GET":
+            return http_response(405, "text/plain", b"method not allowed\n")
+        path = parts[1].split(b"?", 1)[0].decode("ascii", "replace")
+        return self.listener.gateway.status_page(path)
+
+    def _send(self) -> None:
+        try:
+            sent = self.sock.send(self.response)
+        except (BlockingIOError, InterruptedError):
+            return
+        self.response = self.response[sent:]
+        if not self.response:
+            self.close()
+
+    def handle_failure(self, exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.sock is None:
+            return
+        self.reactor.cancel(self.timer)
+        self.reactor.unregister(self.sock)
+        self.sock.close()
+        self.sock = None
+        self.listener.connections.discard(self)
+
+
+def prometheus_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def read_process_gauges(start_wall: float):
+    """(name, help, value) of the process_* gauges, read from /proc (Linux)."""
+    try:
+        open_fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_fds = -1
+    try:
+        with open("/proc/self/statm") as statm:
+            rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        rss = -1
+    return [("process_start_time_seconds", "Start time of the process since unix epoch in seconds.", start_wall),
+            ("process_open_fds", "Number of open file descriptors.", open_fds),
+            ("process_resident_memory_bytes", "Resident memory size in bytes.", rss)]
+
+
+class MetricsText:
+    """Prometheus text exposition format 0.0.4: HELP and TYPE once per family, then samples."""
+
+    def __init__(self):
+        self.lines = []
+
+    def family(self, name: str, kind: str, help_text: str, samples) -> None:
+        self.lines.append("# HELP %s %s" % (name, help_text))
+        self.lines.append("# TYPE %s %s" % (name, kind))
+        for labels, value in samples:
+            label_text = ",".join('%s="%s"' % (k, prometheus_label(str(v))) for k, v in labels)
+            self.lines.append("%s%s %s" % (name, "{%s}" % label_text if label_text else "",
+                                           _prometheus_number(value)))
+
+    def render(self) -> bytes:
+        return ("\n".join(self.lines) + "\n").encode()
+
+
+def _prometheus_number(value) -> str:
+    if isinstance(value, float) and not value.is_integer():
+        return repr(value)
+    return str(int(value))
+
+
 # ===================================================================================== gateway ==
 
 class Listener:
@@ -775,21 +1103,27 @@ class Listener:
 class Gateway:
     """The policy glue between the reactor, the endpoint pool and the relays."""
 
-    def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, dial_timeout: float,
-                 shutdown_timeout: float):
+    def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, options, tls_context=None):
         self.reactor = reactor
         self.pool = pool
         self.log = log
-        self.dial_timeout = dial_timeout
-        self.shutdown_timeout = shutdown_timeout
+        self.dial_timeout = options.dial_timeout
+        self.shutdown_timeout = options.shutdown_timeout
+        self.health_check = options.health_check
+        self.health_interval = options.health_interval
+        self.tls_context = tls_context
         self.recv_buffer = bytearray(RECV_CHUNK_BYTES)
         self.recv_view = memoryview(self.recv_buffer)
         self.listener = None
+        self.status = None
         self.relays = set()
         self.probe_timer = None
         self.probing = set()
+        self.health_checks = {}
         self.shutting_down = False
-        self.stats = {"connections_total": 0, "client_to_upstream": 0, "upstream_to_client": 0}
+        self.start_wall = time.time()
+        self.stats = {"connections_total": 0, "client_to_upstream": 0, "upstream_to_client": 0,
+                      "refresh_ok": 0, "refresh_error": 0}
 
     # -- listener --------------------------------------------------------------------------------
 
@@ -895,6 +1229,109 @@ class Gateway:
         if probe.sock is not None:
             self.probing.add(probe)
 
+    # -- etcd-aware health checks (--health-check etcd) ----------------------------------------------
+
+    def start_health_checks(self) -> None:
+        if self.health_check == "etcd":
+            self.reactor.call_later(0.0, self._run_health_checks)
+
+    def _run_health_checks(self) -> None:
+        if self.shutting_down:
+            return
+        timeout = max(self.dial_timeout, min(self.health_interval, 5.0))
+        for endpoint in self.pool.endpoints:
+            if endpoint.key in self.health_checks:
+                continue  # the previous check is still running; it is bounded by its timeout
+            probe = Probe(self.reactor, endpoint, timeout, self._health_checked,
+                          tls_context=self.tls_context if endpoint.secure else None,
+                          request=health_request(endpoint))
+            if probe.phase != "closed":
+                self.health_checks[endpoint.key] = probe
+        self.reactor.call_later(self.health_interval, self._run_health_checks)
+
+    def _health_checked(self, probe: Probe, ok: bool, reply: bytes, reason: str) -> None:
+        endpoint = probe.endpoint
+        self.health_checks.pop(endpoint.key, None)
+        if reply and self.pool.mark_up(endpoint):
+            self.log.info("endpoint up", endpoint=str(endpoint), reason="health check connected")
+        if ok:
+            ok, reason = parse_health_reply(reply)
+        change = self.pool.record_check(endpoint, ok, reason)
+        if change == "unhealthy":
+            self.log.warn("endpoint unhealthy", endpoint=str(endpoint), reason=reason,
+                          failures=self.pool.failures_to_leave)
+            self._evict(endpoint)
+        elif change == "healthy":
+            self.log.info("endpoint healthy", endpoint=str(endpoint),
+                          successes=self.pool.successes_to_return)
+
+    def _evict(self, endpoint: ep.Endpoint) -> None:
+        """Close the open connections of an unhealthy endpoint so that clients reconnect elsewhere."""
+        evicted = [relay for relay in self.relays
+                   if relay.state is Relay.RELAYING and relay.endpoint.key == endpoint.key]
+        for relay in evicted:
+            relay.abort()
+        if evicted:
+            self.log.info("closed connections of unhealthy endpoint", endpoint=str(endpoint),
+                          count=len(evicted))
+
+    # -- status: /metrics, /health, /endpoints -----------------------------------------------------
+
+    def serve_status(self, sock: socket.socket) -> None:
+        self.status = StatusListener(self, sock)
+        self.reactor.register(sock, EVENT_READ, self.status)
+
+    def status_page(self, path: str) -> bytes:
+        if path == "/metrics":
+            return http_response(200, "text/plain; version=0.0.4; charset=utf-8", self.render_metrics())
+        if path == "/health":
+            healthy = self.pool.any_usable()
+            body = b'{"health":"true"}' if healthy else b'{"health":"false"}'
+            return http_response(200 if healthy else 503, "application/json", body)
+        if path == "/endpoints":
+            return http_response(200, "application/json", self.render_endpoints())
+        return http_response(404, "text/plain", b"not found\n")
+
+    def render_endpoints(self) -> bytes:
+        rows = []
+        for health in self.pool.healths():
+            endpoint = health.endpoint
+            fields = [("endpoint", str(endpoint)), ("address", endpoint.dial_host), ("port", endpoint.port),
+                      ("up", health.up), ("healthy", health.healthy), ("priority", endpoint.priority),
+                      ("weight", endpoint.weight), ("secure", endpoint.secure),
+                      ("active_connections", health.active), ("dial_failures", health.dial_failures),
+                      ("last_error", health.last_error)]
+            rows.append("{" + ",".join("%s:%s" % (_json_string(k), _json_value(v)) for k, v in fields) + "}")
+        return ("[" + ",".join(rows) + "]\n").encode()
+
+    def render_metrics(self) -> bytes:
+        relays = list(self.relays)
+        to_upstream = self.stats["client_to_upstream"] + sum(relay.up.total for relay in relays)
+        to_client = self.stats["upstream_to_client"] + sum(relay.down.total for relay in relays)
+        healths = self.pool.healths()
+        out = MetricsText()
+        out.family("etcd_gateway_connections_total", "counter", "Client connections accepted.",
+                   [((), self.stats["connections_total"])])
+        out.family("etcd_gateway_active_connections", "gauge", "Client connections open now.",
+                   [((), len(relays))])
+        out.family("etcd_gateway_bytes_total", "counter", "Bytes relayed, by direction.",
+                   [((("direction", "client_to_upstream"),), to_upstream),
+                    ((("direction", "upstream_to_client"),), to_client)])
+        out.family("etcd_gateway_dial_failures_total", "counter", "Failed connects, by endpoint.",
+                   [((("endpoint", str(h.endpoint)),), h.dial_failures) for h in healths])
+        out.family("etcd_gateway_endpoint_up", "gauge", "1 when the endpoint is reachable and healthy.",
+                   [((("endpoint", str(h.endpoint)),), int(h.up and h.healthy)) for h in healths])
+        out.family("etcd_gateway_endpoint_active_connections", "gauge",
+                   "Relayed connections open now, by endpoint.",
+                   [((("endpoint", str(h.endpoint)),), h.active) for h in healths])
+        out.family("etcd_gateway_discovery_refreshes_total", "counter",
+                   "DNS discovery refreshes, by result.",
+                   [((("result", "ok"),), self.stats["refresh_ok"]),
+                    ((("result", "error"),), self.stats["refresh_error"])])
+        for name, help_text, value in read_process_gauges(self.start_wall):
+            out.family(name, "counter" if name.endswith("_total") else "gauge", help_text, [((), value)])
+        return out.render()
+
     # -- shutdown ----------------------------------------------------------------------------------
 
     def begin_shutdown(self, signum: int) -> None:
@@ -925,9 +1362,13 @@ class Gateway:
     def close(self) -> None:
         for relay in list(self.relays):
             relay.abort()
-        for probe in list(self.probing):
+        for probe in list(self.probing) + list(self.health_checks.values()):
             probe.cancel()
         self.probing.clear()
+        self.health_checks.clear()
+        if self.status is not None:
+            self.status.close()
+            self.status = None
         if self.listener is not None:
             self.listener.sock.close()
             self.listener = None
@@ -1026,12 +1467,17 @@ def run(options, log: Log) -> int:
     except ConfigError:
         listener_sock.close()
         raise
+    status_sock = open_listener(*options.metrics_addr) if options.metrics_addr else None
     reactor = Reactor(log=log)
     pool = ep.Pool(endpoints, options.policy, options.retry_delay, random.Random())
-    gateway = Gateway(reactor, pool, log, options.dial_timeout, options.shutdown_timeout)
+    tls_context = make_tls_context(options.trusted_ca_file) if any(e.secure for e in endpoints) else None
+    gateway = Gateway(reactor, pool, log, options, tls_context)
     log.info("starting etcd-gateway", version=VERSION, python=sys.version.split()[0], pid=os.getpid())
     try:
         gateway.listen(listener_sock)
+        if status_sock is not None:
+            gateway.serve_status(status_sock)
+        gateway.start_health_checks()
         for signum in (signal.SIGTERM, signal.SIGINT):
             reactor.add_signal_handler(signum, gateway.begin_shutdown)
         log.info("ready to proxy client requests to [%s]" % ", ".join(str(e) for e in endpoints),
