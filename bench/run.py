@@ -494,17 +494,31 @@ def run_all(started: Started, proxies: List[str], settings: Settings):
         order = proxies[rnd % len(proxies):] + proxies[:rnd % len(proxies)]
         for group_name, backend, workloads in groups:
             for name in order:
-                proxy = start_proxy(started, name, backend, settings)
-                try:
-                    sanity_check(proxy, group_name)
-                    for w in workloads:
-                        figures = w.run(proxy)
-                        results.setdefault((w.key, name), []).append(figures)
-                        progress(rnd, settings.rounds, name, w, figures)
-                finally:
-                    if proxy.proc:
-                        started.stop(proxy.proc)
+                run_group(started, rnd, name, group_name, backend, workloads, settings, results)
     return results, [w for _, _, workloads in groups for w in workloads]
+
+
+def run_group(started: Started, rnd: int, name: str, group_name: str, backend: int,
+              workloads: List[Workload], settings: Settings, results: Dict[tuple, List[dict]]):
+    """One fresh proxy instance runs a backend's workloads; a failure is recorded, not fatal,
+    so that one crashing proxy still leaves a table for the others."""
+    pending = list(workloads)
+    proxy = None
+    try:
+        proxy = start_proxy(started, name, backend, settings)
+        sanity_check(proxy, group_name)
+        while pending:
+            figures = pending[0].run(proxy)
+            results.setdefault((pending[0].key, name), []).append(figures)
+            progress(rnd, settings.rounds, name, pending.pop(0), figures)
+    except (RuntimeError, OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+        print(f"[round {rnd + 1}/{settings.rounds}] {name} FAILED at "
+              f"{pending[0].label}: {exc}\n{started.log_tail(name)}", file=sys.stderr)
+        for w in pending:
+            results.setdefault((w.key, name), []).append({"failed": str(exc)})
+    finally:
+        if proxy and proxy.proc:
+            started.stop(proxy.proc)
 
 
 def sanity_check(proxy: Proxy, group: str):
@@ -536,7 +550,7 @@ def ratio(a: Optional[float], b: Optional[float]) -> str:
 
 def spread(rows: List[dict]) -> str:
     """Half the range of the rounds' results, in % of their median: how noisy the figure is."""
-    values = [r["value"] for r in rows]
+    values = [r["value"] for r in rows if "value" in r]
     if len(values) < 2 or not statistics.median(values):
         return "–"
     return f"{50 * (max(values) - min(values)) / statistics.median(values):.0f}"
@@ -559,10 +573,13 @@ def main_table(results, proxies: List[str], workloads: List[Workload]) -> List[s
                    for k in ("value", "p50", "p99", "cpu_us")} for p in proxies}
         for p in proxies:
             m, none, go = med[p], med.get("none", {}), med.get("go", {})
-            errors = sum(r.get("errors", 0) for r in results.get((w.key, p), []))
+            rows = results.get((w.key, p), [])
+            failed = sum(1 for r in rows if "failed" in r)
+            errors = " ".join(filter(None, (str(sum(r.get("errors", 0) for r in rows) or ""),
+                                            f"{failed} round(s) FAILED" if failed else "")))
             cpu = f"{num(m['cpu_us'], 1)} {w.cpu_unit}" if m["cpu_us"] is not None else "–"
             lines.append(
-                f"| {w.label} | {p} | {num(m['value'])} {w.unit} | {spread(results.get((w.key, p), []))}"
+                f"| {w.label} | {p} | {num(m['value'])}{' ' + w.unit if m['value'] else ''} | {spread(results.get((w.key, p), []))}"
                 f" | {ratio(m['value'], none.get('value'))}"
                 f" | {ratio(m['value'], go.get('value'))} | {num(m['p50'])} | {num(m['p99'])}"
                 f" | {ratio(m['p99'], go.get('p99'))} | {cpu} | {ratio(m['cpu_us'], go.get('cpu_us'))}"
@@ -570,7 +587,7 @@ def main_table(results, proxies: List[str], workloads: List[Workload]) -> List[s
     return lines
 
 
-def idle_table(results, proxies: List[str]) -> List[str]:
+def idle_table(results, proxies: List[str], tried: int) -> List[str]:
     lines = ["| proxy | connections held | RSS KiB/conn | RSS ×go | fds/conn | proxy CPU µs/conn "
              "| proxy alive after | request answered |", "|---|---:|---:|---:|---:|---:|---|---|"]
     go_rss = median_of(results.get(("idle", "go"), []), "rss_kib")
@@ -578,11 +595,11 @@ def idle_table(results, proxies: List[str]) -> List[str]:
         rows = results.get(("idle", p), [])
         if not rows:
             continue
-        held = "/".join(str(r["value"]) for r in rows)
+        held = "/".join(str(r.get("value", "FAILED")) for r in rows)
         rss = median_of(rows, "rss_kib")
-        answered = "/".join("yes" if r["answered"] else "NO" for r in rows)
-        survived = "/".join("yes" if r["survived"] else "NO" for r in rows)
-        lines.append(f"| {p} | {held} of {rows[0]['tried']} | {num(rss)} | {ratio(rss, go_rss)}"
+        answered = "/".join("yes" if r.get("answered") else "NO" for r in rows)
+        survived = "/".join("yes" if r.get("survived") else "NO" for r in rows)
+        lines.append(f"| {p} | {held} of {tried} | {num(rss)} | {ratio(rss, go_rss)}"
                      f" | {num(median_of(rows, 'fds'))} | {num(median_of(rows, 'cpu_us'), 1)}"
                      f" | {survived} | {answered} |")
     return lines
@@ -598,8 +615,13 @@ def machine() -> List[str]:
             return (out.stdout + out.stderr).strip().splitlines()[0]
         except (OSError, IndexError, subprocess.SubprocessError):
             return "?"
+    commit = version(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--",
+                            "gateway.py", "endpoints.py", "dnssrv.py"],
+                           capture_output=True, text=True).stdout.strip()
     return [f"- kernel {platform.release()}, CPU {cpu}, {os.cpu_count()} cores",
-            f"- {version([sys.executable, '--version'])} (harness and ours)",
+            f"- {version([sys.executable, '--version'])} (harness and ours); ours at {commit}"
+            + (" with uncommitted changes" if dirty else ""),
             f"- {version(['wrk', '-v'])}; {version(['iperf3', '--version'])}; "
             f"{version(['nginx', '-v'])}; {version(['haproxy', '-v'])}"]
 
@@ -623,7 +645,7 @@ def report(results, proxies: List[str], workloads: List[Workload], settings: Set
         f"in batches under a {settings.proxy_nofile}-descriptor limit; held = the most that were "
         "established at nginx while the proxy was alive (per round); RSS and descriptors "
         "per connection measured at that point; then one more request.", ""]
-    return "\n".join(head + body + idle_table(results, proxies)) + "\n"
+    return "\n".join(head + body + idle_table(results, proxies, settings.idle_conns)) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -676,12 +698,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     proxies = check_proxies([p.strip() for p in args.proxies.split(",") if p.strip()])
     # Without CAP_SYS_RESOURCE (containers) nobody may pass our hard limit: 2 fds per
-    # connection plus a little for the proxy's own files is what a lean proxy needs.
+    # connection plus a little for the proxy's own files is what a lean proxy needs (and at
+    # least 4096, so that the Go gateway's 6 per connection survive wrk's 512 connections).
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     hard = 1 << 20 if hard == resource.RLIM_INFINITY else hard
     idle = min(args.idle_conns or (2000 if args.quick else 10000), (hard - 64) // 2)
     settings = Settings(rounds=args.rounds, load_seconds=args.seconds or (1 if args.quick else 3),
-                        idle_conns=idle, proxy_nofile=2 * idle + 64, python=args.python,
+                        idle_conns=idle, proxy_nofile=min(max(2 * idle + 64, 4096), hard),
+                        python=args.python,
                         etcdbin=find_etcdbin(args.etcdbin))
     if not {LOADGEN_CPU, PROXY_CPU} <= os.sched_getaffinity(0):
         sys.exit(f"bench: needs cores {LOADGEN_CPU} and {PROXY_CPU}")
