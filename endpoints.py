@@ -32,6 +32,7 @@ class Endpoint(NamedTuple):
     weight: int = 1
     address: str = ""
     secure: bool = False
+    tls_name: str = ""  # the name its certificate was verified for (discovery)
 
     def __str__(self) -> str:
         return format_hostport(self.host, self.port)
@@ -214,8 +215,9 @@ class Pool:
             health[endpoint.key] = entry
         self._health = health
         self._order = list(endpoints)
-        if self._current is not None and self._current.key not in new_keys:
-            self._current = None
+        if self._current is not None:
+            entry = health.get(self._current.key)
+            self._current = entry.endpoint if entry is not None else None
         return added, removed
 
     def contains(self, endpoint: Endpoint) -> bool:

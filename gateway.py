@@ -29,6 +29,7 @@ import sys
 import time
 from typing import Callable, List, Optional, Sequence
 
+import dnssrv
 import endpoints as ep
 
 VERSION = "0.1.0"
@@ -195,6 +196,13 @@ def _hostport_arg(text: str):
         raise argparse.ArgumentTypeError(str(exc))
 
 
+def _dns_servers_arg(text: str):
+    try:
+        return dnssrv.parse_dns_servers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
 def _bool_arg(text: str) -> bool:
     """pflag booleans accept `--flag` and `--flag=true|false` (and 1/0, t/f)."""
     lowered = text.lower()
@@ -237,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "every connection (default sticky)")
     ext.add_argument("--shutdown-timeout", type=_duration_arg, default=10.0, metavar="DURATION",
                      help="how long open connections may run after SIGTERM/SIGINT (default 10s)")
+    ext.add_argument("--dns-server", type=_dns_servers_arg, default=(), metavar="HOST[:PORT],...",
+                     help="DNS servers for discovery and host names, replacing /etc/resolv.conf's")
+    ext.add_argument("--discovery-refresh", type=_duration_arg, default=30.0, metavar="DURATION",
+                     help="how often discovery (and host names in --endpoints) are resolved again; "
+                          "0 = only at start-up (default 30s)")
     ext.add_argument("--metrics-addr", type=_hostport_arg, default=None, metavar="HOST:PORT",
                      help="serve /metrics, /health and /endpoints over HTTP here (default off)")
     ext.add_argument("--health-check", choices=("tcp", "etcd"), default="tcp",
@@ -488,7 +501,7 @@ class Dial:
             self._finish(None, os.strerror(code).lower())
 
     def __repr__(self):
-        return "<Dial %s>" % self.endpoint
+        return "<Dial %s>" % (self.endpoint,)
 
     def handle_io(self, sock, mask):
         if self.sock is None:
@@ -1066,6 +1079,307 @@ def _prometheus_number(value) -> str:
     return str(int(value))
 
 
+# ================================================================================== discovery ==
+
+DNS_REPLY_MAX_BYTES = 65535
+
+
+class DnsQuery:
+    """One dnssrv Query on its own fresh non-blocking socket (a fresh random source port each)."""
+
+    def __init__(self, driver: "DnsDriver", query):
+        self.driver = driver
+        self.query = query
+        self.frames = dnssrv.TCPFrameReader()
+        self.unsent = b""
+        kind = socket.SOCK_DGRAM if query.transport == "udp" else socket.SOCK_STREAM
+        self.sock = socket.socket(query.family, kind)
+        try:
+            self._start(query)
+        except OSError:
+            self.sock.close()
+            raise
+        driver.reactor.register(self.sock, self.mask, self)
+
+    def _start(self, query) -> None:
+        self.sock.setblocking(False)
+        if query.transport == "udp":
+            self.sock.connect(query.server)  # the kernel then drops datagrams from other sources
+            self.sock.send(query.wire)
+            self.mask = EVENT_READ
+        else:
+            code = self.sock.connect_ex(query.server)
+            if code not in (0, errno.EINPROGRESS):
+                raise OSError(code, os.strerror(code))
+            self.unsent = query.wire
+            self.mask = EVENT_WRITE
+
+    def __repr__(self):
+        return "<DnsQuery %r>" % (self.query,)
+
+    def handle_io(self, sock, mask) -> None:
+        if self.sock is None:
+            return
+        if self.unsent:
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise OSError(code, os.strerror(code))
+            self.unsent = self.unsent[sock.send(self.unsent):]
+            if not self.unsent:
+                self.mask = EVENT_READ
+                self.driver.reactor.modify(sock, EVENT_READ, self)
+            return
+        data = sock.recv(DNS_REPLY_MAX_BYTES)
+        if self.query.transport == "tcp":
+            if not data:
+                raise OSError(errno.ECONNRESET, "connection closed before the reply")
+            data = self.frames.feed(data)
+            if data is None:
+                return
+        self.driver.reply(self.query, data)
+
+    def handle_failure(self, exc) -> None:
+        if not isinstance(exc, OSError):
+            self.driver.reactor.log.error("DNS handling failed", query=repr(self), error=repr(exc))
+        self.driver.failed(self.query, error_reason(exc))
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.driver.reactor.unregister(self.sock)
+            self.sock.close()
+            self.sock = None
+
+
+class DnsDriver:
+    """Drives a sans-I/O dnssrv machine from the reactor: sends what it asks for, feeds it the
+    replies, tells it about deadlines, and calls `on_done(machine)` once it has finished."""
+
+    def __init__(self, reactor: Reactor, machine, on_done):
+        self.reactor = reactor
+        self.machine = machine
+        self.on_done = on_done
+        self.queries = {}
+        self.timer = None
+        self._pump()
+
+    def reply(self, query, data: bytes) -> None:
+        self.machine.feed(query.server, data, self.reactor.clock())
+        self._pump()
+
+    def failed(self, query, reason: str) -> None:
+        self.machine.on_error(query, reason, self.reactor.clock())
+        self._pump()
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self.machine.on_timeout(self.reactor.clock())
+        self._pump()
+
+    def _pump(self) -> None:
+        if self.on_done is None:
+            return
+        sends = self.machine.take_sends()
+        while sends:  # a send that fails at once makes the machine move on to the next server
+            for query in sends:
+                try:
+                    self.queries[query] = DnsQuery(self, query)
+                except OSError as exc:
+                    self.machine.on_error(query, error_reason(exc), self.reactor.clock())
+            sends = self.machine.take_sends()
+        waiting = set(self.machine.waiting())
+        for query in [q for q in self.queries if q not in waiting]:
+            self.queries.pop(query).close()
+        if self.machine.done:
+            self._finish()
+        else:
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        deadline = self.machine.next_deadline()
+        self.reactor.cancel(self.timer)
+        self.timer = None
+        if deadline is not None:
+            self.timer = self.reactor.call_later(max(0.0, deadline - self.reactor.clock()), self._timed_out)
+
+    def _finish(self) -> None:
+        on_done, self.on_done = self.on_done, None
+        self.cancel()
+        on_done(self.machine)
+
+    def cancel(self) -> None:
+        self.on_done = None
+        self.reactor.cancel(self.timer)
+        for query in list(self.queries):
+            self.queries.pop(query).close()
+
+
+class EndpointSource:
+    """Where the endpoints come from, found without blocking the relays.
+
+    With --discovery-srv: the SRV records of etcd's names, their targets resolved (hosts file,
+    glue, A/AAAA) and, unless --insecure-discovery, only `_etcd-client-ssl` records whose member
+    completes a verified TLS handshake for the target name or the discovery domain. Without it:
+    the --endpoints, host names resolved with /etc/hosts and DNS. `refresh(on_done)` runs one
+    round and calls `on_done(endpoints, None)` or `on_done(None, reason)`.
+    """
+
+    def __init__(self, reactor: Reactor, options, tls_context, resolv_conf_path: str = "/etc/resolv.conf",
+                 hosts_path: str = "/etc/hosts"):
+        self.reactor = reactor
+        self.options = options
+        self.tls_context = tls_context
+        self.resolv_conf_path = resolv_conf_path
+        self.hosts_path = hosts_path
+        self.use_srv = bool(options.discovery_srv)
+        self.validated = set()  # (target, port, address) that passed TLS validation once
+        self.pending = []
+
+    @property
+    def dynamic(self) -> bool:
+        return self.use_srv or any(not endpoint.address for endpoint in self.options.endpoints)
+
+    def _dns_config(self):
+        conf = dnssrv.load_resolv_conf(self.resolv_conf_path)
+        if self.options.dns_server:
+            conf = conf._replace(nameservers=self.options.dns_server)
+        return conf, dnssrv.load_hosts(self.hosts_path)
+
+    def refresh(self, on_done) -> None:
+        conf, hosts = self._dns_config()
+        now, rng = self.reactor.clock(), random.SystemRandom()
+        if self.use_srv:
+            names = dnssrv.srv_names(self.options.discovery_srv, self.options.discovery_srv_name)
+            machine = dnssrv.SRVDiscovery(names, conf, rng, now, hosts)
+            self.pending.append(DnsDriver(self.reactor, machine, lambda m: _guarded(
+                on_done, self._srv_done, m, names, on_done)))
+        else:
+            self.resolve_static(on_done)
+
+    def resolve_static(self, on_done) -> None:
+        """Resolve the --endpoints host names (IP literals stay as they are)."""
+        conf, hosts = self._dns_config()
+        now, rng = self.reactor.clock(), random.SystemRandom()
+        endpoints = list(self.options.endpoints)
+        results = {}
+
+        def resolved(index, machine):
+            results[index] = machine
+            if len(results) == len(unresolved):
+                _guarded(on_done, self._static_done, endpoints, results, on_done)
+
+        unresolved = [i for i, endpoint in enumerate(endpoints) if not endpoint.address]
+        if not unresolved:
+            on_done(endpoints, None)
+            return
+        for index in unresolved:
+            machine = dnssrv.AddressLookup(endpoints[index].host, conf, rng, now, hosts)
+            self.pending.append(DnsDriver(self.reactor, machine,
+                                          lambda m, index=index: resolved(index, m)))
+
+    def _static_done(self, endpoints, results, on_done) -> None:
+        self.pending = []
+        for index, machine in results.items():
+            if machine.error is not None or not machine.result.addresses:
+                on_done(None, "cannot resolve endpoint %s: %s" % (endpoints[index], machine.error))
+                return
+            endpoints[index] = endpoints[index]._replace(address=machine.result.addresses[0])
+        on_done(endpoints, None)
+
+    def _srv_done(self, machine, names, on_done) -> None:
+        self.pending = []
+        asked = ", ".join(name for name, _ in names)
+        if machine.error is not None:
+            on_done(None, "DNS SRV discovery found nothing: %s" % machine.error)
+            return
+        candidates, rejected = [], list(machine.result.problems)
+        for record in machine.result.endpoints:
+            endpoint = ep.Endpoint(record.target, record.port, record.priority, record.weight,
+                                   record.addresses[0], record.secure)
+            if not record.secure and not self.options.insecure_discovery:
+                rejected.append("%s is insecure (from _etcd-client; allowed by --insecure-discovery)"
+                                % (endpoint,))
+            else:
+                candidates.append(endpoint)
+        if self.options.insecure_discovery:
+            self._srv_finish(candidates, rejected, asked, on_done)
+            return
+        TlsValidation(self, candidates, lambda ok, bad: self._srv_finish(ok, rejected + bad, asked, on_done))
+
+    def _srv_finish(self, endpoints, rejected, asked, on_done) -> None:
+        if endpoints:
+            on_done(endpoints, None)
+        else:
+            on_done(None, "DNS SRV discovery found no usable endpoint (asked %s): %s"
+                    % (asked, "; ".join(rejected) or "no records"))
+
+    def cancel(self) -> None:
+        for driver in self.pending:
+            driver.cancel()
+        self.pending = []
+
+
+def _guarded(on_done, step, *args) -> None:
+    """Run one step of a discovery round; a bug in it ends the round with an error instead of
+    leaving it (and a gateway waiting for its first round) unfinished forever."""
+    try:
+        step(*args)
+    except Exception as exc:
+        on_done(None, "internal error in %s: %r" % (step.__name__, exc))
+
+
+class TlsValidation:
+    """Verified TLS handshakes with discovered members, concurrently: first for the SRV target's
+    name, then for the discovery domain. Unlike the Go gateway, which only opens a TCP connection,
+    a member is used only when its certificate chains to --trusted-ca-file and matches a name."""
+
+    def __init__(self, source: EndpointSource, candidates, on_done):
+        self.source = source
+        self.on_done = on_done
+        self.accepted, self.rejected = [], []
+        self.waiting = 0
+        domain = dnssrv.name_key(source.options.discovery_srv)
+        for endpoint in candidates:
+            if (endpoint.host, endpoint.port, endpoint.address) in source.validated:
+                self.accepted.append(endpoint)
+                continue
+            self.waiting += 1
+            self._check(endpoint, [endpoint.host] + ([domain] if domain != endpoint.host else []), [])
+        if not self.waiting:
+            self._finish()
+
+    def _check(self, endpoint, names, reasons) -> None:
+        source = self.source
+        if source.tls_context is None:
+            self._checked(endpoint, None, reasons + ["this Python has no ssl module"])
+            return
+        name = names[0]
+        timeout = max(2 * source.options.dial_timeout, 1.0)
+        Probe(source.reactor, endpoint, timeout,
+              lambda probe, ok, reply, reason: self._probed(endpoint, names, reasons, ok, reason),
+              tls_context=source.tls_context, server_hostname=name)
+
+    def _probed(self, endpoint, names, reasons, ok, reason) -> None:
+        if ok:
+            self._checked(endpoint, names[0], reasons)
+        elif len(names) > 1:
+            self._check(endpoint, names[1:], reasons + ["%s: %s" % (names[0], reason)])
+        else:
+            self._checked(endpoint, None, reasons + ["%s: %s" % (names[0], reason)])
+
+    def _checked(self, endpoint, name, reasons) -> None:
+        if name is not None:
+            self.source.validated.add((endpoint.host, endpoint.port, endpoint.address))
+            self.accepted.append(endpoint._replace(tls_name=name))
+        else:
+            self.rejected.append("%s failed TLS validation (%s)" % (endpoint, "; ".join(reasons)))
+        self.waiting -= 1
+        if not self.waiting:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.on_done(self.accepted, self.rejected)
+
+
 # ===================================================================================== gateway ==
 
 class Listener:
@@ -1121,6 +1435,10 @@ class Gateway:
         self.probing = set()
         self.health_checks = {}
         self.shutting_down = False
+        self.source = None
+        self.refreshing = False
+        self.refresh_timer = None
+        self.refresh_interval = 0.0
         self.start_wall = time.time()
         self.stats = {"connections_total": 0, "client_to_upstream": 0, "upstream_to_client": 0,
                       "refresh_ok": 0, "refresh_error": 0}
@@ -1244,7 +1562,7 @@ class Gateway:
                 continue  # the previous check is still running; it is bounded by its timeout
             probe = Probe(self.reactor, endpoint, timeout, self._health_checked,
                           tls_context=self.tls_context if endpoint.secure else None,
-                          request=health_request(endpoint))
+                          server_hostname=endpoint.tls_name, request=health_request(endpoint))
             if probe.phase != "closed":
                 self.health_checks[endpoint.key] = probe
         self.reactor.call_later(self.health_interval, self._run_health_checks)
@@ -1332,6 +1650,65 @@ class Gateway:
             out.family(name, "counter" if name.endswith("_total") else "gauge", help_text, [((), value)])
         return out.render()
 
+    # -- discovery refresh (--discovery-refresh, SIGHUP) -------------------------------------------
+
+    def start_refreshes(self, source: EndpointSource, interval: float) -> None:
+        self.source = source
+        self.refresh_interval = interval
+        self._arm_refresh()
+
+    def _arm_refresh(self) -> None:
+        self.reactor.cancel(self.refresh_timer)
+        self.refresh_timer = None
+        if self.refresh_interval > 0 and not self.shutting_down:
+            self.refresh_timer = self.reactor.call_later(self.refresh_interval, self.refresh_now)
+
+    def refresh_now(self, signum: int = 0) -> None:
+        if self.source is None or self.refreshing or self.shutting_down:
+            return
+        if signum:
+            self.log.info("refreshing endpoints", signal=signal.Signals(signum).name)
+        self.refreshing = True
+        self.source.refresh(self._refreshed)
+
+    def _refreshed(self, endpoints, error) -> None:
+        self.refreshing = False
+        if error is None:
+            endpoints = self._without_self(endpoints)
+        if error is not None or not endpoints:
+            self.stats["refresh_error"] += 1
+            self.log.limited("warn", "refresh:" + str(error), 60.0, "endpoint refresh failed, keeping the last good set",
+                             reason=error or "no endpoints", endpoints=[str(e) for e in self.pool.endpoints])
+        else:
+            self.stats["refresh_ok"] += 1
+            self.apply_endpoints(endpoints)
+        self._arm_refresh()
+
+    def _without_self(self, endpoints):
+        if self.listener is None:
+            return endpoints
+        host, port = self.listener.sock.getsockname()[:2]
+        kept = []
+        for endpoint in endpoints:
+            try:
+                check_not_self([endpoint], host, port)
+                kept.append(endpoint)
+            except ConfigError as exc:
+                self.log.warn("ignoring discovered endpoint", reason=str(exc))
+        return kept
+
+    def apply_endpoints(self, endpoints: Sequence[ep.Endpoint]) -> None:
+        """Install a new set: staying endpoints keep their health; removed ones get no new
+        connections, and their open connections are left alone."""
+        before = {endpoint.key: endpoint for endpoint in self.pool.endpoints}
+        added, removed = self.pool.replace(endpoints)
+        moved = ["%s %s->%s" % (e, before[e.key].address, e.address) for e in endpoints
+                 if e.key in before and before[e.key].address != e.address]
+        if added or removed or moved:
+            self.log.info("endpoints changed", endpoints=[str(e) for e in endpoints],
+                          added=[str(e) for e in added], removed=[str(e) for e in removed],
+                          readdressed=moved)
+
     # -- shutdown ----------------------------------------------------------------------------------
 
     def begin_shutdown(self, signum: int) -> None:
@@ -1403,18 +1780,6 @@ def raise_open_file_limit() -> None:
             pass
 
 
-def resolve_endpoint(endpoint: ep.Endpoint) -> ep.Endpoint:
-    if endpoint.address:
-        return endpoint
-    try:
-        infos = socket.getaddrinfo(endpoint.host, endpoint.port, 0, socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise ConfigError("cannot resolve endpoint %s: %s" % (endpoint, exc.args[-1]))
-    address = infos[0][4][0]
-    return ep.Endpoint(endpoint.host, endpoint.port, endpoint.priority, endpoint.weight, address,
-                       endpoint.secure)
-
-
 def is_local_address(host: str) -> bool:
     """True when `host` is one of this machine's addresses (binding to it succeeds)."""
     family, address = sockaddr_for(host, 0)
@@ -1456,21 +1821,62 @@ def open_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+def first_discovery(reactor: Reactor, source: EndpointSource, options, log: Log) -> List[ep.Endpoint]:
+    """Find the endpoints before anything listens, with the same non-blocking machinery the
+    refreshes use: the reactor runs until the round has finished."""
+    outcome = []
+
+    def done(endpoints, error):
+        outcome.append((endpoints, error))
+        reactor.stop()
+
+    source.refresh(done)
+    if not outcome:
+        reactor.run()
+    endpoints, error = outcome[0]
+    if error and source.use_srv and options.endpoints_given:
+        log.warn("discovery failed at start-up, using --endpoints as a fallback", reason=error)
+        outcome.clear()
+        source.resolve_static(done)
+        if not outcome:
+            reactor.run()
+        endpoints, error = outcome[0]
+    if error:
+        raise ConfigError(error)
+    return endpoints
+
+
+def discovery_tls_context(options):
+    if options.discovery_srv and not options.insecure_discovery:
+        return make_tls_context(options.trusted_ca_file)
+    if options.discovery_srv and ssl is not None:  # for etcd health checks of TLS members
+        return make_tls_context(options.trusted_ca_file)
+    return None
+
+
 def run(options, log: Log) -> int:
-    if not options.endpoints:
+    if not options.endpoints and not options.discovery_srv:
         raise ConfigError("no endpoints: give --endpoints or --discovery-srv")
-    endpoints = [resolve_endpoint(endpoint) for endpoint in options.endpoints]
     raise_open_file_limit()
+    reactor = Reactor(log=log)
+    try:
+        return serve(reactor, options, log)
+    finally:
+        reactor.close()
+
+
+def serve(reactor: Reactor, options, log: Log) -> int:
+    tls_context = discovery_tls_context(options)
+    source = EndpointSource(reactor, options, tls_context)
+    endpoints = first_discovery(reactor, source, options, log) if source.dynamic else options.endpoints
     listener_sock = open_listener(*options.listen_addr)
     try:
         check_not_self(endpoints, *listener_sock.getsockname()[:2])
+        status_sock = open_listener(*options.metrics_addr) if options.metrics_addr else None
     except ConfigError:
         listener_sock.close()
         raise
-    status_sock = open_listener(*options.metrics_addr) if options.metrics_addr else None
-    reactor = Reactor(log=log)
     pool = ep.Pool(endpoints, options.policy, options.retry_delay, random.Random())
-    tls_context = make_tls_context(options.trusted_ca_file) if any(e.secure for e in endpoints) else None
     gateway = Gateway(reactor, pool, log, options, tls_context)
     log.info("starting etcd-gateway", version=VERSION, python=sys.version.split()[0], pid=os.getpid())
     try:
@@ -1478,6 +1884,9 @@ def run(options, log: Log) -> int:
         if status_sock is not None:
             gateway.serve_status(status_sock)
         gateway.start_health_checks()
+        if source.dynamic:
+            gateway.start_refreshes(source, options.discovery_refresh)
+            reactor.add_signal_handler(signal.SIGHUP, gateway.refresh_now)
         for signum in (signal.SIGTERM, signal.SIGINT):
             reactor.add_signal_handler(signum, gateway.begin_shutdown)
         log.info("ready to proxy client requests to [%s]" % ", ".join(str(e) for e in endpoints),
@@ -1487,7 +1896,7 @@ def run(options, log: Log) -> int:
         reactor.run()
     finally:
         gateway.close()
-        reactor.close()
+        source.cancel()
     log.info("stopped")
     return 0
 
