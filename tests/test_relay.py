@@ -107,6 +107,13 @@ def recv_exactly(sock, size):
     return bytes(data)
 
 
+def ping(address, payload=b"ping"):
+    """One request/response on a new connection, with no half-close involved: what came back."""
+    with connect(address) as sock:
+        sock.sendall(payload)
+        return recv_exactly(sock, len(payload))
+
+
 def echo_once(sock, payload):
     sock.sendall(payload)
     return recv_exactly(sock, len(payload)) == payload
@@ -236,7 +243,7 @@ def test_refused_endpoint_then_next_one_serves(gateways, echo, policy):
         # Two connections: with round-robin one of them starts at the refused endpoint.
         for attempt in range(2):
             payload = b"attempt %d" % attempt
-            assert exchange(gateway.address, [payload]) == payload
+            assert ping(gateway.address, payload) == payload
         if policy == "round-robin":
             assert gateway.log.wait_for(endpoint_event("endpoint down", refused.endpoint), 5), \
                 gateway.log.text()
@@ -249,7 +256,7 @@ def test_blackholed_endpoint_first_client_served_within_2s(gateways, echo, polic
                            f"--policy={policy}")
         for attempt in range(2):
             started = time.monotonic()
-            assert exchange(gateway.address, [b"x"], timeout=IO_TIMEOUT) == b"x"
+            assert ping(gateway.address, b"x") == b"x"
             elapsed = time.monotonic() - started
             assert elapsed < 2.0, f"client {attempt} served after {elapsed:.2f}s"
         if policy == "round-robin":
@@ -274,7 +281,7 @@ def test_all_endpoints_failed_clients_not_held_and_each_endpoint_tried(gateways)
         # Still marked failed for a minute, but every endpoint is tried once: no blackout.
         second.start_listening()
         started = time.monotonic()
-        assert exchange(gateway.address, [b"back"], timeout=IO_TIMEOUT) == b"back"
+        assert ping(gateway.address, b"back") == b"back"
         assert time.monotonic() - started < 2.0
         assert second.served == 1
 
@@ -284,14 +291,14 @@ def test_failed_endpoint_returns_after_retry_delay(gateways):
         gateway = gateways([returning.endpoint, steady.endpoint], "--retry-delay=500ms",
                            "--policy=round-robin")
         for attempt in range(2):
-            assert exchange(gateway.address, [b"a%d" % attempt]) == b"a%d" % attempt
+            assert ping(gateway.address, b"a%d" % attempt) == b"a%d" % attempt
         down = endpoint_event("endpoint down", returning.endpoint)
         assert gateway.log.wait_for(down, 5), gateway.log.text()
         returning.start_listening()
         up = endpoint_event("endpoint up", returning.endpoint)
         assert gateway.log.wait_for(up, 10), gateway.log.text()
         for attempt in range(4):
-            assert exchange(gateway.address, [b"b%d" % attempt]) == b"b%d" % attempt
+            assert ping(gateway.address, b"b%d" % attempt) == b"b%d" % attempt
         assert returning.served >= 1, "round-robin never used the endpoint that came back"
 
 
@@ -300,7 +307,7 @@ def test_ipv6_listen_and_endpoint(gateways):
     with EchoServer(host="::1") as upstream:
         gateway = gateways([upstream.endpoint], host="::1")
         assert upstream.endpoint in gateway.ready_line
-        assert exchange(gateway.address, [b"over ipv6"]) == b"over ipv6"
+        assert ping(gateway.address, b"over ipv6") == b"over ipv6"
         assert upstream.served == 1
 
 
@@ -366,7 +373,7 @@ def test_connect_close_storm_with_resets_returns_to_baseline_fds(gateways, echo)
                 sock.close()
     settled = wait_until(lambda: fd_count(gateway.pid) <= baseline, timeout=30)
     assert settled, f"gateway fds {fd_count(gateway.pid)} > baseline {baseline} after the storm"
-    assert exchange(gateway.address, [b"still serving"]) == b"still serving"
+    assert ping(gateway.address, b"still serving") == b"still serving"
     assert wait_until(lambda: echo.open_count == 0, timeout=30), echo.open_count
 
 
@@ -410,7 +417,7 @@ def test_out_of_file_descriptors_no_spin_and_service_resumes(gateways, echo):
 
     def served():
         try:
-            return exchange(gateway.address, [b"resumed"], timeout=5.0) == b"resumed"
+            return ping(gateway.address, b"resumed") == b"resumed"
         except (OSError, AssertionError):
             return False
     assert wait_until(served, timeout=30, interval=0.2), gateway.log.text()[-2000:]
