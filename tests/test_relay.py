@@ -377,10 +377,40 @@ def test_connect_close_storm_with_resets_returns_to_baseline_fds(gateways, echo)
     assert wait_until(lambda: echo.open_count == 0, timeout=30), echo.open_count
 
 
+def _pump_parked_clients(selector, deadline, want_echoes):
+    """Send one byte on each client as it connects and count echoes; returns (echoed, turned away)."""
+    echoed = turned_away = 0
+    while echoed < want_echoes and time.monotonic() < deadline:
+        for key, events in selector.select(0.5):
+            sock = key.fileobj
+            try:
+                if events & selectors.EVENT_WRITE:
+                    sock.send(b"p")
+                    selector.modify(sock, selectors.EVENT_READ)
+                    continue
+                served = sock.recv(1) == b"p"
+            except OSError:
+                served = False
+            echoed += served
+            turned_away += not served
+            selector.unregister(sock)
+    return echoed, turned_away
+
+
+def _closed_by_peer(sock):
+    """True if the gateway closed this (non-blocking) client; False if it is still waiting."""
+    try:
+        return sock.recv(1) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
 def test_out_of_file_descriptors_no_spin_and_service_resumes(gateways, echo):
     clients = 200
     gateway = gateways([echo.endpoint], preexec=["prlimit", "--nofile=64:64", "--"])
-    socks, echoed = [], 0
+    socks = []
     with selectors.DefaultSelector() as selector:
         try:
             for index in range(clients):
@@ -389,20 +419,8 @@ def test_out_of_file_descriptors_no_spin_and_service_resumes(gateways, echo):
                 sock.setblocking(False)
                 sock.connect_ex(gateway.address)
                 selector.register(sock, selectors.EVENT_WRITE)
-            # Let the gateway take what its 64 descriptors allow; the rest stay parked.
-            deadline = time.monotonic() + 10.0
-            while echoed < 10 and time.monotonic() < deadline:
-                for key, events in selector.select(0.5):
-                    sock = key.fileobj
-                    try:
-                        if events & selectors.EVENT_WRITE:
-                            sock.send(b"p")
-                            selector.modify(sock, selectors.EVENT_READ)
-                            continue
-                        echoed += sock.recv(1) == b"p"
-                    except OSError:  # closed by the gateway: counted as not served
-                        pass
-                    selector.unregister(sock)
+            # Let the gateway take what its 64 descriptors allow; the rest should stay parked.
+            echoed, turned_away = _pump_parked_clients(selector, time.monotonic() + 10.0, 10)
             assert echoed >= 10, f"only {echoed} clients served while out of descriptors"
             # The point of the test: clients stay parked for 3 s; the gateway must not spin.
             cpu_before, wall_before = cpu_seconds(gateway.pid), time.monotonic()
@@ -411,6 +429,8 @@ def test_out_of_file_descriptors_no_spin_and_service_resumes(gateways, echo):
             wall = time.monotonic() - wall_before
             assert gateway.proc.poll() is None, "gateway exited when out of descriptors"
             assert cpu_used < 0.5 * wall, f"gateway used {cpu_used:.2f}s CPU in {wall:.2f}s parked"
+            waiting = [key.fileobj for key in selector.get_map().values()]
+            turned_away += sum(_closed_by_peer(sock) for sock in waiting)
         finally:
             for sock in socks:
                 sock.close()
@@ -421,6 +441,10 @@ def test_out_of_file_descriptors_no_spin_and_service_resumes(gateways, echo):
         except (OSError, AssertionError):
             return False
     assert wait_until(served, timeout=30, interval=0.2), gateway.log.text()[-2000:]
+    # Out of descriptors means "pause accepting", not "accept and hang up": the clients that
+    # could not be served yet must still be waiting in the backlog, not closed.
+    assert turned_away == 0, (f"{turned_away} of {clients} clients were closed by the gateway "
+                              f"instead of waiting:\n" + gateway.log.text()[-2000:])
 
 
 # -- shutdown -------------------------------------------------------------------------------------
