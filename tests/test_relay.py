@@ -1,9 +1,9 @@
 """Loopback integration: the gateway as a real process between test clients and scripted upstreams.
 
-Every test starts its own gateway on a free loopback port and its own upstreams (tests/upstreams.py),
-bounds every loop in count and time, and closes every socket it opens. The only fixed waits are in
-the tests whose subject is waiting (a client that does not read for 5 s, clients parked while the
-gateway is out of file descriptors).
+Every test starts its own gateway on a free loopback port and its own upstreams
+(tests/upstreams.py), bounds every loop in count and time, and closes every socket it opens. The
+only fixed waits are in the tests whose subject is waiting (a client that does not read for 5 s,
+clients parked while the gateway is out of file descriptors).
 """
 import hashlib
 import random
@@ -16,9 +16,9 @@ import time
 import pytest
 
 from support import Gateway, cpu_seconds, fd_count, free_port, rss_bytes, wait_until
-from upstreams import (Blackhole, EchoServer, RefusingPort, ScriptedServer, expected_reply_after_eof,
-                       greeting, observe_peer, pusher, recv_until_eof, reply_after_eof,
-                       reset_after_first_bytes, reset_close, shut_write_first)
+from upstreams import (Blackhole, EchoServer, RefusingPort, ScriptedServer,
+                       expected_reply_after_eof, greeting, observe_peer, pusher, recv_until_eof,
+                       reply_after_eof, reset_after_first_bytes, reset_close, shut_write_first)
 
 MiB = 1 << 20
 IO_TIMEOUT = 20.0  # per blocking socket call: only "did not hang"
@@ -35,7 +35,7 @@ def _ipv6_loopback_available():
 
 @pytest.fixture
 def gateways():
-    """start(endpoints, *flags, host=...) -> a ready Gateway with `.address`; all killed at teardown."""
+    """start(endpoints, *flags, host=...) -> a ready Gateway with `.address`; killed at teardown."""
     started = []
 
     def start(endpoints, *flags, host="127.0.0.1", **kwargs):
@@ -81,7 +81,7 @@ def exchange(address, chunks, timeout=60.0):
             selector.register(sock, selectors.EVENT_READ)
         while True:
             remaining = deadline - time.monotonic()
-            assert remaining > 0, f"exchange did not finish in {timeout}s ({len(received)} bytes back)"
+            assert remaining > 0, f"unfinished after {timeout}s ({len(received)} bytes back)"
             for _, events in selector.select(remaining):
                 if events & selectors.EVENT_READ:
                     data = sock.recv(256 * 1024)
@@ -378,7 +378,7 @@ def test_connect_close_storm_with_resets_returns_to_baseline_fds(gateways, echo)
 
 
 def _pump_parked_clients(selector, deadline, want_echoes):
-    """Send one byte on each client as it connects and count echoes; returns (echoed, turned away)."""
+    """Send a byte on each client once connected, count echoes; returns (echoed, turned away)."""
     echoed = turned_away = 0
     while echoed < want_echoes and time.monotonic() < deadline:
         for key, events in selector.select(0.5):
