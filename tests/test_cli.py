@@ -15,11 +15,6 @@ from upstreams import EchoServer
 LAUNCHERS = ["module", "script"]
 
 
-@pytest.fixture(params=LAUNCHERS)
-def launcher(request):
-    return request.param
-
-
 def _ipv6_loopback_available():
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
@@ -27,6 +22,11 @@ def _ipv6_loopback_available():
         return True
     except OSError:
         return False
+
+
+@pytest.fixture(params=LAUNCHERS)
+def launcher(request):
+    return request.param
 
 
 def assert_usage_error(result):
@@ -100,12 +100,18 @@ def test_no_endpoints_exits_1(launcher):
     assert_config_error(gateway_cli(["start", listen_flag(), "--endpoints="], launcher=launcher))
 
 
-@pytest.mark.parametrize("listen_host", ["127.0.0.1", "0.0.0.0"], ids=["same", "wildcard"])
-def test_endpoint_that_is_the_gateway_itself_exits_1(launcher, listen_host):
-    port = free_port()
-    other = free_port()
+SELF_CASES = [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("0.0.0.0", "127.0.0.2")]
+if _ipv6_loopback_available():
+    SELF_CASES += [("[::1]", "[::1]"), ("[::]", "[::1]")]
+
+
+@pytest.mark.parametrize("listen_host,endpoint_host", SELF_CASES)
+def test_endpoint_that_is_the_gateway_itself_exits_1(launcher, listen_host, endpoint_host):
+    """Any local address is "the gateway itself" when it listens on a wildcard."""
+    port = free_port("::1", socket.AF_INET6) if "[" in listen_host else free_port()
+    other = f"127.0.0.1:{free_port()}"
     result = gateway_cli(["start", f"--listen-addr={listen_host}:{port}",
-                          f"--endpoints=127.0.0.1:{other},127.0.0.1:{port}"], launcher=launcher)
+                          f"--endpoints={other},{endpoint_host}:{port}"], launcher=launcher)
     assert_config_error(result, str(port))
 
 
