@@ -16,7 +16,7 @@ import time
 import pytest
 
 from support import Gateway, cpu_seconds, fd_count, free_port, rss_bytes, wait_until
-from upstreams import (Blackhole, EchoServer, RefusingPort, ScriptedServer,
+from upstreams import (Blackhole, EchoServer, RefusingPort, ScriptedServer, after_delay,
                        expected_reply_after_eof, greeting, observe_peer, pusher, recv_until_eof,
                        reply_after_eof, reset_after_first_bytes, reset_close, shut_write_first)
 
@@ -174,6 +174,17 @@ def test_client_half_close_reply_arrives_after_eof(gateways):
         gateway = gateways([upstream.endpoint])
         data = random.Random(1).randbytes(MiB)
         reply = exchange(gateway.address, random_chunks(data, random.Random(2), 64 * 1024))
+        assert upstream.next_result() == (len(data), hashlib.sha256(data).hexdigest())
+        assert reply == expected_reply_after_eof(data)
+
+
+def test_client_half_close_waits_for_queued_bytes(gateways):
+    """The upstream does not read for 1 s while the client sends 16 MiB and shuts down its write
+    side: the EOF must reach the upstream only after every queued byte."""
+    with ScriptedServer(after_delay(reply_after_eof, 1.0)) as upstream:
+        gateway = gateways([upstream.endpoint])
+        data = random.Random(4).randbytes(16 * MiB)
+        reply = exchange(gateway.address, random_chunks(data, random.Random(5), 256 * 1024))
         assert upstream.next_result() == (len(data), hashlib.sha256(data).hexdigest())
         assert reply == expected_reply_after_eof(data)
 

@@ -22,6 +22,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 
 JOIN_TIMEOUT = 10.0
 ECHO_HIGH_WATER_BYTES = 256 * 1024
@@ -382,6 +383,14 @@ def reply_after_eof(conn):
     for chunk in pattern_chunks(1 << 20, seed=received):
         conn.sendall(chunk)
     return received, digest.hexdigest()
+
+
+def after_delay(handler, delay):
+    """`handler`, started only after `delay` seconds of not reading (back-pressure on the sender)."""
+    def delayed(conn):
+        time.sleep(delay)  # the point: the upstream is slow to read
+        return handler(conn)
+    return delayed
 
 
 def expected_reply_after_eof(data):
