@@ -8,6 +8,7 @@ clients parked while the gateway is out of file descriptors).
 import hashlib
 import random
 import re
+import resource
 import selectors
 import signal
 import socket
@@ -324,8 +325,18 @@ def test_ipv6_listen_and_endpoint(gateways):
 
 # -- load -----------------------------------------------------------------------------------------
 
+def _raise_open_file_limit(needed):
+    """The test process holds both ends of every connection (client and echo server side)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        assert hard == resource.RLIM_INFINITY or hard >= needed, \
+            f"this test needs {needed} open files; the hard limit is {hard}"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
 def test_2000_concurrent_connections_each_echo(gateways, echo):
     clients = 2000
+    _raise_open_file_limit(2 * clients + 256)
     gateway = gateways([echo.endpoint])
     deadline = time.monotonic() + 60.0
     socks, received, done = [], {}, 0
