@@ -6,6 +6,7 @@ only fixed waits are in the tests whose subject is waiting (a client that does n
 clients parked while the gateway is out of file descriptors).
 """
 import hashlib
+import os
 import random
 import re
 import resource
@@ -140,6 +141,30 @@ def is_refused(address):
 def endpoint_event(event, endpoint):
     """Regex for a log line `<event> ... endpoint=<endpoint>` (text or json format)."""
     return rf'{event}\b.*\bendpoint"?[=:]"?{re.escape(endpoint)}(?![\d])'
+
+
+TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1",
+              "05": "FIN_WAIT2", "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT",
+              "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING"}
+
+
+def describe_fds(pid):
+    """Every descriptor of `pid`, with the TCP state of sockets: what a leak report needs."""
+    tcp = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.readlines()[1:]:
+                fields = row.split()
+                tcp[fields[9]] = f"{TCP_STATES.get(fields[3], fields[3])} {fields[1]}->{fields[2]}"
+    lines = []
+    for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        inode = target[len("socket:["):-1] if target.startswith("socket:[") else None
+        lines.append(f"  fd {fd}: {target} {tcp.get(inode, '')}")
+    return "\n".join(lines)
 
 
 def random_chunks(data, rng, max_chunk):
@@ -394,7 +419,8 @@ def test_connect_close_storm_with_resets_returns_to_baseline_fds(gateways, echo)
             for sock in socks:
                 sock.close()
     settled = wait_until(lambda: fd_count(gateway.pid) <= baseline, timeout=30)
-    assert settled, f"gateway fds {fd_count(gateway.pid)} > baseline {baseline} after the storm"
+    assert settled, (f"gateway fds {fd_count(gateway.pid)} > baseline {baseline} after the storm:\n"
+                     + describe_fds(gateway.pid))
     assert ping(gateway.address, b"still serving") == b"still serving"
     assert wait_until(lambda: echo.open_count == 0, timeout=30), echo.open_count
 
