@@ -398,7 +398,9 @@ def idle_scale(proxy: Proxy, backend: int, settings: Settings) -> dict:
             want = min(batch, settings.idle_conns - len(socks))
             opened = open_idle(proxy.port, want)
             socks += opened
-            held = settle_established(backend, base_est + len(socks)) - base_est
+            # More than we opened means stray upstream connections (e.g. a retried dial):
+            # count only ours so that the per-connection figures stay honest.
+            held = min(settle_established(backend, base_est + len(socks)) - base_est, len(socks))
             if not proxy.alive():
                 break
             result["value"] = held
