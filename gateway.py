@@ -32,6 +32,16 @@ from typing import Callable, List, Optional, Sequence
 import dnssrv
 import endpoints as ep
 
+try:
+    import fcntl
+except ImportError:
+    fcntl = None
+
+# Zero-copy relaying with splice(2): Linux and Python >= 3.10. ETCD_GATEWAY_NO_SPLICE=1 turns it
+# off (the copying path is the one every other platform and Python 3.8/3.9 use).
+splice = getattr(os, "splice", None)
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
 VERSION = "0.1.0"
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
@@ -41,8 +51,10 @@ EVENT_WRITE = selectors.EVENT_WRITE
 HIGH_WATER_BYTES = 256 * 1024
 LOW_WATER_BYTES = 64 * 1024
 RECV_CHUNK_BYTES = 256 * 1024
+SPLICE_PIPE_BYTES = 256 * 1024
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE_DELAY = 0.25  # after EMFILE/ENFILE: the pending connections wait in the backlog
+LOCAL_RETRY_TIMEOUT = 30.0  # how long an accepted client may wait for a descriptor to dial with
 KEEPALIVE_SECONDS = 15  # the Go gateway's net.Dialer/ListenConfig default
 LISTEN_BACKLOG = 4096
 
@@ -444,6 +456,25 @@ def tune_stream(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_SECONDS)
 
 
+STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+def is_connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
+def tune_listener(sock: socket.socket) -> None:
+    """Linux copies these options to every accepted socket: set once here, not per client."""
+    try:
+        tune_stream(sock)
+    except OSError:
+        pass
+
+
 def abort(sock: socket.socket) -> None:
     """Close with RST rather than FIN: how a reset is passed on to the other side."""
     try:
@@ -485,14 +516,16 @@ class Dial:
         self.local_failure = False
         family, address = sockaddr_for(endpoint.dial_host, endpoint.port)
         try:
-            self.sock = socket.socket(family, socket.SOCK_STREAM)
-            self.sock.setblocking(False)
+            self.sock = socket.socket(family, STREAM_NONBLOCK)
+            self.sock.setblocking(False)  # also tells the socket object; no syscall with SOCK_NONBLOCK
             code = self.sock.connect_ex(address)
         except OSError as exc:
             self.local_failure = exc.errno in LOCAL_ERRNOS
             self._finish(None, error_reason(exc))
             return
-        if code == 0:
+        if code == 0 or (code == errno.EINPROGRESS and is_connected(self.sock)):
+            # On loopback the handshake completes inside connect(): skip a trip through the
+            # selector (register, wait, SO_ERROR, unregister) and the dial timer.
             self._finish(self.sock, None)
         elif code in (errno.EINPROGRESS, errno.EAGAIN):
             reactor.register(self.sock, EVENT_WRITE, self)
@@ -545,23 +578,76 @@ class Dial:
 OPEN, DRAINING, SHUT = "open", "draining", "shut"
 
 
-class Flow:
-    """One direction of a relay: bytes read from `src` and queued for `dst`."""
+class PipePool:
+    """Non-blocking pipes for splice(2), shared by every relay. A flow holds a pipe only while
+    bytes sit in it, so an idle connection still costs two descriptors, not six."""
 
-    __slots__ = ("name", "src", "dst", "queue", "state", "total", "paused")
+    def __init__(self, size: int = SPLICE_PIPE_BYTES, keep: int = 32):
+        self.size = size
+        self.keep = keep
+        self.idle = []
+
+    def take(self):
+        """An empty pipe (read_fd, write_fd, capacity), or None when out of descriptors."""
+        if self.idle:
+            return self.idle.pop()
+        try:
+            read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        capacity = 65536
+        if fcntl is not None and hasattr(fcntl, "F_SETPIPE_SZ"):
+            try:
+                capacity = fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, self.size)
+            except OSError:
+                pass  # over /proc/sys/fs/pipe-max-size or the user's pipe budget: keep 64 KiB
+        return (read_fd, write_fd, capacity)
+
+    def give(self, pipe) -> None:
+        """Return an empty pipe."""
+        if len(self.idle) < self.keep:
+            self.idle.append(pipe)
+        else:
+            self.discard(pipe)
+
+    @staticmethod
+    def discard(pipe) -> None:
+        """Close a pipe that may still hold bytes (its relay is gone)."""
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+    def close(self) -> None:
+        for pipe in self.idle:
+            self.discard(pipe)
+        self.idle = []
+
+
+class Flow:
+    """One direction of a relay: bytes read from `src` and queued for `dst`, either in `queue`
+    (recv/send) or in a pipe (`piped` bytes, splice)."""
+
+    __slots__ = ("name", "src", "dst", "src_fd", "dst_fd", "queue", "pipe", "piped", "state",
+                 "total", "paused")
 
     def __init__(self, name: str):
         self.name = name
-        self.src = None
-        self.dst = None
+        self.src = self.dst = None
+        self.src_fd = self.dst_fd = -1
         self.queue = bytearray()
+        self.pipe = None
+        self.piped = 0
         self.state = OPEN
         self.total = 0
         self.paused = False
 
+    def connect(self, src: socket.socket, dst: socket.socket) -> None:
+        self.src, self.dst = src, dst
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+
     def wants_read(self) -> bool:
-        """Read while open, with hysteresis: pause at the high mark, resume at the low mark."""
-        if self.state is not OPEN:
+        """Read while open, with hysteresis: pause at the high mark, resume at the low mark.
+        A pipe is read into again only once it has drained."""
+        if self.state is not OPEN or self.piped:
             return False
         if self.paused:
             self.paused = len(self.queue) > LOW_WATER_BYTES
@@ -570,7 +656,7 @@ class Flow:
         return not self.paused
 
     def wants_write(self) -> bool:
-        return bool(self.queue)
+        return bool(self.queue) or self.piped > 0
 
 
 class Relay:
@@ -588,6 +674,7 @@ class Relay:
         self.plan = gateway.pool.plan()
         self.endpoint = None
         self.dial = None
+        self.retry_timer = None
         self.started = self.reactor.clock()
         self.up = Flow("client_to_upstream")
         self.down = Flow("upstream_to_client")
@@ -604,6 +691,17 @@ class Relay:
     def start(self) -> None:
         self._dial_next()
 
+    def _wait_for_descriptor(self, reason: str) -> None:
+        """Out of descriptors is our problem, not the endpoint's: keep the client waiting (it has
+        sent nothing we read) and dial the same endpoint again shortly, for a bounded time."""
+        if self.reactor.clock() - self.started > LOCAL_RETRY_TIMEOUT:
+            self.gateway.no_descriptors(self, reason, giving_up=True)
+            self._close(reset=True)
+            return
+        self.gateway.no_descriptors(self, reason, giving_up=False)
+        self.plan.insert(0, self.endpoint)
+        self.retry_timer = self.reactor.call_later(ACCEPT_PAUSE_DELAY, self._dial_next)
+
     def _dial_next(self) -> None:
         if self.state is not self.DIALING:
             return
@@ -619,8 +717,7 @@ class Relay:
     def _dialed(self, dial: "Dial", sock, reason) -> None:
         self.dial = None
         if sock is None and dial.local_failure:
-            self.gateway.no_descriptors(self, reason)
-            self._close(reset=True)
+            self._wait_for_descriptor(reason)
             return
         if sock is None:
             self.gateway.dial_failed(self.endpoint, reason)
@@ -631,8 +728,8 @@ class Relay:
             tune_stream(sock)
         except OSError:
             pass  # the peer may already be gone: the first recv will tell
-        self.up.src, self.up.dst = self.client_sock, sock
-        self.down.src, self.down.dst = sock, self.client_sock
+        self.up.connect(self.client_sock, sock)
+        self.down.connect(sock, self.client_sock)
         self.state = self.RELAYING
         self.gateway.relay_connected(self)
         self._update_interest()
@@ -655,6 +752,50 @@ class Relay:
         self._reset_both()
 
     def _pump(self, flow: Flow) -> None:
+        if self.gateway.pipes is not None and not flow.queue:
+            self._pump_spliced(flow)
+        else:
+            self._pump_copied(flow)
+
+    def _pump_spliced(self, flow: Flow) -> None:
+        """Move what `flow.src` has into a pipe and on to `flow.dst` without copying it through
+        Python; what the peer did not take stays in the pipe, which the flow then keeps."""
+        pipes = self.gateway.pipes
+        pipe = flow.pipe or pipes.take()
+        if pipe is None:
+            self._pump_copied(flow)  # out of descriptors for a pipe: copy this time
+            return
+        flow.pipe = pipe
+        try:
+            count = splice(flow.src_fd, pipe[1], pipe[2], flags=SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            count = -1
+        except OSError:
+            self._reset_both()
+            return
+        if count > 0:
+            flow.total += count
+            flow.piped += count
+            self._drain_pipe(flow)
+        elif not flow.piped:
+            flow.pipe = None
+            pipes.give(pipe)
+        if count == 0:
+            self._eof(flow)
+
+    def _drain_pipe(self, flow: Flow) -> None:
+        try:
+            flow.piped -= splice(flow.pipe[0], flow.dst_fd, flow.piped, flags=SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._reset_both()
+            return
+        if not flow.piped:
+            self.gateway.pipes.give(flow.pipe)
+            flow.pipe = None
+
+    def _pump_copied(self, flow: Flow) -> None:
         """Read what `flow.src` has and send it at once; queue only what the peer did not take."""
         buf = self.gateway.recv_buffer
         try:
@@ -682,6 +823,10 @@ class Relay:
             flow.queue += self.gateway.recv_view[sent:count]
 
     def _flush(self, flow: Flow) -> None:
+        if flow.piped:
+            self._drain_pipe(flow)
+            if flow.piped or self.state is not self.RELAYING:
+                return
         if flow.queue:
             try:
                 sent = flow.dst.send(flow.queue)
@@ -696,7 +841,7 @@ class Relay:
 
     def _eof(self, flow: Flow) -> None:
         flow.state = DRAINING
-        if not flow.queue:
+        if not flow.queue and not flow.piped:
             self._shut(flow)
 
     def _shut(self, flow: Flow) -> None:
@@ -711,8 +856,10 @@ class Relay:
 
     def _update_interest(self) -> None:
         """Derive both sockets' selector masks from the flows; touch the selector only on change."""
-        client_mask = (EVENT_READ if self.up.wants_read() else 0) | (EVENT_WRITE if self.down.queue else 0)
-        upstream_mask = (EVENT_READ if self.down.wants_read() else 0) | (EVENT_WRITE if self.up.queue else 0)
+        client_mask = ((EVENT_READ if self.up.wants_read() else 0)
+                       | (EVENT_WRITE if self.down.wants_write() else 0))
+        upstream_mask = ((EVENT_READ if self.down.wants_read() else 0)
+                         | (EVENT_WRITE if self.up.wants_write() else 0))
         if client_mask != self.client_mask:
             self._apply_mask(self.client_sock, self.client_mask, client_mask)
             self.client_mask = client_mask
@@ -745,6 +892,7 @@ class Relay:
         if self.dial is not None:
             self.dial.cancel()
             self.dial = None
+        self.reactor.cancel(self.retry_timer)
         for sock, mask in ((self.client_sock, self.client_mask), (self.upstream_sock, self.upstream_mask)):
             if sock is None:
                 continue
@@ -755,6 +903,10 @@ class Relay:
             else:
                 sock.close()
         self.client_mask = self.upstream_mask = 0
+        for flow in (self.up, self.down):
+            if flow.pipe is not None:
+                PipePool.discard(flow.pipe)
+                flow.pipe, flow.piped = None, 0
         self.gateway.relay_closed(self, was_relaying, reset)
 
 
@@ -1428,6 +1580,7 @@ class Gateway:
         self.tls_context = tls_context
         self.recv_buffer = bytearray(RECV_CHUNK_BYTES)
         self.recv_view = memoryview(self.recv_buffer)
+        self.pipes = PipePool() if splice_enabled() else None
         self.listener = None
         self.status = None
         self.relays = set()
@@ -1450,12 +1603,7 @@ class Gateway:
         self.reactor.register(sock, EVENT_READ, self.listener)
 
     def accepted(self, client_sock: socket.socket, peer) -> None:
-        client_sock.setblocking(False)
-        try:
-            tune_stream(client_sock)
-        except OSError:
-            client_sock.close()  # reset before we saw it
-            return
+        client_sock.setblocking(False)  # TCP_NODELAY and keep-alive come from the listener
         self.stats["connections_total"] += 1
         relay = Relay(self, client_sock, peer)
         self.relays.add(relay)
@@ -1488,9 +1636,15 @@ class Gateway:
             self.log.info("endpoint up", endpoint=str(relay.endpoint), reason="dial succeeded")
         self.pool.connection_opened(relay.endpoint)
 
-    def no_descriptors(self, relay: Relay, reason: str) -> None:
-        self.log.limited("warn", "no-descriptors", 5.0, "cannot dial upstream, closing client",
+    def no_descriptors(self, relay: Relay, reason: str, giving_up: bool) -> None:
+        if giving_up:
+            self.log.limited("warn", "no-descriptors-close", 5.0, "cannot dial upstream, closing client",
+                             reason=reason, waited=format_duration(LOCAL_RETRY_TIMEOUT))
+            return
+        self.log.limited("warn", "no-descriptors", 5.0, "cannot dial upstream, client waits",
                          reason=reason, active=len(self.relays))
+        if self.listener is not None and not self.listener.paused:
+            self.accept_exhausted(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
 
     def no_upstream(self, relay: Relay) -> None:
         self.log.limited("warn", "no-upstream", 5.0, "no endpoint reachable, closing client",
@@ -1510,6 +1664,8 @@ class Gateway:
             self.log.debug("connection closed", endpoint=str(relay.endpoint), bytes_in=relay.up.total,
                            bytes_out=relay.down.total, reset=reset,
                            duration=format_duration(self.reactor.clock() - relay.started))
+        if not self.relays and self.pipes is not None:
+            self.pipes.close()  # idle: give the spare pipes' descriptors back
         if self.shutting_down and not self.relays:
             self.reactor.stop()
 
@@ -1746,12 +1902,18 @@ class Gateway:
         if self.status is not None:
             self.status.close()
             self.status = None
+        if self.pipes is not None:
+            self.pipes.close()
         if self.listener is not None:
             self.listener.sock.close()
             self.listener = None
 
 
 # =================================================================================== start-up ==
+
+def splice_enabled() -> bool:
+    return splice is not None and os.environ.get("ETCD_GATEWAY_NO_SPLICE", "") in ("", "0")
+
 
 def sd_notify(state: str) -> None:
     """Tell systemd (Type=notify) about readiness and stopping, as the Go gateway does."""
@@ -1812,6 +1974,7 @@ def open_listener(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tune_listener(sock)
         sock.bind(address)
         sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
