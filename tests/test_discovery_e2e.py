@@ -28,7 +28,7 @@ CHANGE_DEADLINE = 5.0
 # try leaves room for the next one within CHANGE_DEADLINE.
 QUICK_ETCDCTL = ("--dial-timeout", "1s", "--command-timeout", "2s")
 # Starts of a secure-discovery gateway in a row: a race at start-up must not hide in luck.
-REPEATED_STARTS = 12
+REPEATED_STARTS = 20
 # resolv.conf has no port: a DNS server for it must listen on port 53 of a spare loopback address.
 PORT53_HOSTS = tuple("127.0.%d.53" % n for n in range(9, 29))
 
@@ -278,6 +278,29 @@ def test_changed_records_reach_new_connections_within_5s(plain, dns):
         assert line is not None, gateway.log.text()
         (old,), (new,) = targets(plain, "live.test", [0]), targets(plain, "live.test", [1])
         assert f"added=[{new}]" in line and f"removed=[{old}]" in line, line
+
+
+def test_refreshed_secure_records_are_validated_before_use(tls_cluster, dns):
+    # A new record whose certificate fits neither its target nor the domain is never used (the
+    # refresh fails and the last good set stays); a new valid one is, within the deadline.
+    set_zone(dns, members_zone(tls_cluster, "sec.test", "_etcd-client-ssl", [0]))
+    with DiscoveryGateway("sec.test", "--trusted-ca-file", str(tls_cluster.ca_path),
+                          "--discovery-refresh", "1s", dns=dns) as gateway:
+        assert answered_by(tls_cluster, gateway) == 0
+        mark = len(gateway.log.lines)
+        set_zone(dns, members_zone(tls_cluster, "sec.test", "_etcd-client-ssl", [1],
+                                   "evil.{domain}"))
+        line = gateway.log.wait_for(
+            r"warn endpoint refresh failed, keeping the last good set", timeout=10, start=mark)
+        assert line is not None, gateway.log.text()
+        assert "evil.sec.test" in line and "failed TLS validation" in line, line
+        assert answered_by(tls_cluster, gateway) == 0
+        changed_at = time.monotonic()
+        set_zone(dns, members_zone(tls_cluster, "sec.test", "_etcd-client-ssl", [1]))
+        answered_at = first_answer_from(tls_cluster, gateway, 1, changed_at + CHANGE_DEADLINE)
+        assert answered_at is not None, gateway.log.text()
+        line = gateway.log.wait_for(r"endpoints changed ", timeout=0, start=mark)
+        assert line is not None and "evil.sec.test" not in line, gateway.log.text()
 
 
 def test_failed_refresh_keeps_the_last_good_set(plain, dns):
