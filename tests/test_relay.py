@@ -55,6 +55,17 @@ def gateways():
         gateway.stop()
 
 
+# The relay has two ways to move bytes: splice(2) through a pipe (Linux, Python >= 3.10) and
+# recv/send through a buffer (everywhere else). Data-path tests run against both.
+DATA_PATHS = {"splice": {}, "copy": {"ETCD_GATEWAY_NO_SPLICE": "1"}}
+
+
+@pytest.fixture(params=sorted(DATA_PATHS))
+def data_path(request):
+    """The environment that selects one data path for the gateway."""
+    return DATA_PATHS[request.param]
+
+
 @pytest.fixture
 def echo():
     with EchoServer() as server:
@@ -178,14 +189,14 @@ def random_chunks(data, rng, max_chunk):
 
 # -- data path ---------------------------------------------------------------------------------
 
-def test_echo_round_trip(gateways, echo):
-    gateway = gateways([echo.endpoint])
+def test_echo_round_trip(gateways, echo, data_path):
+    gateway = gateways([echo.endpoint], env=data_path)
     assert exchange(gateway.address, [b"hello through the gateway"]) == b"hello through the gateway"
     assert echo.served == 1
 
 
-def test_random_data_in_random_chunks_arrives_intact(gateways, echo):
-    gateway = gateways([echo.endpoint])
+def test_random_data_in_random_chunks_arrives_intact(gateways, echo, data_path):
+    gateway = gateways([echo.endpoint], env=data_path)
     rng = random.Random(20261126)
     for max_chunk in (1, 4096, 256 * 1024):  # tiny writes, page-sized, larger than any buffer
         data = rng.randbytes(64 * 1024 if max_chunk == 1 else 8 * MiB)
@@ -194,31 +205,31 @@ def test_random_data_in_random_chunks_arrives_intact(gateways, echo):
         assert hashlib.sha256(received).hexdigest() == hashlib.sha256(data).hexdigest()
 
 
-def test_client_half_close_reply_arrives_after_eof(gateways):
+def test_client_half_close_reply_arrives_after_eof(gateways, data_path):
     """Client shuts down its write side; the upstream sees EOF, then replies; all of it arrives."""
     with ScriptedServer(reply_after_eof) as upstream:
-        gateway = gateways([upstream.endpoint])
+        gateway = gateways([upstream.endpoint], env=data_path)
         data = random.Random(1).randbytes(MiB)
         reply = exchange(gateway.address, random_chunks(data, random.Random(2), 64 * 1024))
         assert upstream.next_result() == (len(data), hashlib.sha256(data).hexdigest())
         assert reply == expected_reply_after_eof(data)
 
 
-def test_client_half_close_waits_for_queued_bytes(gateways):
+def test_client_half_close_waits_for_queued_bytes(gateways, data_path):
     """The upstream does not read for 1 s while the client sends 16 MiB and shuts down its write
     side: the EOF must reach the upstream only after every queued byte."""
     with ScriptedServer(after_delay(reply_after_eof, 1.0)) as upstream:
-        gateway = gateways([upstream.endpoint])
+        gateway = gateways([upstream.endpoint], env=data_path)
         data = random.Random(4).randbytes(16 * MiB)
         reply = exchange(gateway.address, random_chunks(data, random.Random(5), 256 * 1024))
         assert upstream.next_result() == (len(data), hashlib.sha256(data).hexdigest())
         assert reply == expected_reply_after_eof(data)
 
 
-def test_upstream_half_close_client_can_still_send(gateways):
+def test_upstream_half_close_client_can_still_send(gateways, data_path):
     """The upstream shuts its write side first; the client sees EOF and can still send to it."""
     with ScriptedServer(shut_write_first) as upstream:
-        gateway = gateways([upstream.endpoint])
+        gateway = gateways([upstream.endpoint], env=data_path)
         with connect(gateway.address) as sock:
             digest = hashlib.sha256()
             assert recv_until_eof(sock, digest) == len(greeting())
@@ -230,9 +241,9 @@ def test_upstream_half_close_client_can_still_send(gateways):
             assert how_closed(sock) == "eof"
 
 
-def test_upstream_reset_reaches_client_as_reset(gateways):
+def test_upstream_reset_reaches_client_as_reset(gateways, data_path):
     with ScriptedServer(reset_after_first_bytes) as upstream:
-        gateway = gateways([upstream.endpoint])
+        gateway = gateways([upstream.endpoint], env=data_path)
         with connect(gateway.address) as sock:
             sock.sendall(b"hello")
             assert upstream.next_result() == b"hello"
@@ -240,9 +251,9 @@ def test_upstream_reset_reaches_client_as_reset(gateways):
         assert outcome == "reset", "an upstream reset reached the client as a clean EOF"
 
 
-def test_client_reset_reaches_upstream_as_reset(gateways):
+def test_client_reset_reaches_upstream_as_reset(gateways, data_path):
     with ScriptedServer(observe_peer) as upstream:
-        gateway = gateways([upstream.endpoint])
+        gateway = gateways([upstream.endpoint], env=data_path)
         sock = connect(gateway.address)
         sock.sendall(b"hello")
         assert recv_exactly(sock, 2) == b"ok"
@@ -250,11 +261,11 @@ def test_client_reset_reaches_upstream_as_reset(gateways):
         assert upstream.next_result() == ("reset", 5)
 
 
-def test_slow_reader_bounded_memory_and_every_byte_arrives(gateways):
+def test_slow_reader_bounded_memory_and_every_byte_arrives(gateways, data_path):
     total = 512 * MiB
     memory_limit = 64 * MiB
     with ScriptedServer(pusher(total)) as upstream:
-        gateway = gateways([upstream.endpoint])
+        gateway = gateways([upstream.endpoint], env=data_path)
         with connect(gateway.address) as sock:
             # The point of the test: the client does not read for 5 s while 512 MiB wait upstream.
             stall_end = time.monotonic() + 5.0
@@ -399,8 +410,8 @@ def test_2000_concurrent_connections_each_echo(gateways, echo):
     assert wait_until(lambda: echo.open_count == 0, timeout=30), echo.open_count
 
 
-def test_connect_close_storm_with_resets_returns_to_baseline_fds(gateways, echo):
-    gateway = gateways([echo.endpoint])
+def test_connect_close_storm_with_resets_returns_to_baseline_fds(gateways, echo, data_path):
+    gateway = gateways([echo.endpoint], env=data_path)
     baseline = fd_count(gateway.pid)
     waves, per_wave = 10, 300
     for wave in range(waves):
