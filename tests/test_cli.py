@@ -4,6 +4,7 @@ Every test runs once per launcher (`python -m gateway`, the `etcd-gateway` conso
 they all call the same `main()`, and this is where we check that they really behave the same.
 Bad flags exit 2 with usage; bad configuration exits 1 with exactly one line and never a traceback.
 """
+import json
 import socket
 
 import pytest
@@ -167,3 +168,18 @@ def test_flag_value_forms_both_accepted(launcher, form):
         with Gateway(args, launcher=launcher) as gateway:
             assert echo.endpoint in gateway.ready_line
             assert exchange_once(port) == b"via the cli test"
+
+
+def test_default_endpoint_is_the_local_etcd(launcher):
+    """Like `etcd gateway start`: without --endpoints the gateway proxies to 127.0.0.1:2379."""
+    with Gateway(["start", listen_flag()], launcher=launcher) as gateway:
+        assert "[127.0.0.1:2379]" in gateway.ready_line, gateway.ready_line
+
+
+def test_ready_line_in_json_format(launcher):
+    endpoints = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    with Gateway(["start", listen_flag(), "--endpoints=" + ",".join(endpoints),
+                  "--log-format=json"], launcher=launcher) as gateway:
+        record = json.loads(gateway.ready_line)
+        assert record["level"] == "info"
+        assert record["msg"] == f"ready to proxy client requests to [{', '.join(endpoints)}]"
