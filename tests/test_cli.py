@@ -4,16 +4,17 @@ Every test runs once per launcher (`python -m gateway`, the `etcd-gateway` conso
 they all call the same `main()`, and this is where we check that they really behave the same.
 Bad flags exit 2 with usage; bad configuration exits 1 with exactly one line and never a traceback.
 """
+import importlib.util
 import json
 import socket
 
 import pytest
 
-from support import Gateway, free_port, gateway_cli
+from support import ROOT, Gateway, free_port, gateway_cli
 from upstreams import EchoServer
 
-# Every way of starting the gateway; extend when a new one ships (e.g. "pyz").
-LAUNCHERS = ["module", "script"]
+# Every way of starting the gateway: `python -m gateway`, the console script, the single file.
+LAUNCHERS = ["module", "script", "pyz"]
 
 
 def _ipv6_loopback_available():
@@ -25,8 +26,19 @@ def _ipv6_loopback_available():
         return False
 
 
+@pytest.fixture(scope="session")
+def built_pyz():
+    """dist/ is not in git: build the single file once per session before the pyz launcher runs."""
+    spec = importlib.util.spec_from_file_location("build_pyz", str(ROOT / "tools" / "build_pyz.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build()
+
+
 @pytest.fixture(params=LAUNCHERS)
 def launcher(request):
+    if request.param == "pyz":
+        request.getfixturevalue("built_pyz")
     return request.param
 
 
