@@ -36,6 +36,7 @@ try:
     import fcntl
 except ImportError:
     fcntl = None
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", None)  # Python >= 3.10
 
 # Zero-copy relaying with splice(2): Linux and Python >= 3.10. ETCD_GATEWAY_NO_SPLICE=1 turns it
 # off (the copying path is the one every other platform and Python 3.8/3.9 use).
@@ -596,9 +597,9 @@ class PipePool:
         except OSError:
             return None
         capacity = 65536
-        if fcntl is not None and hasattr(fcntl, "F_SETPIPE_SZ"):
+        if F_SETPIPE_SZ is not None:
             try:
-                capacity = fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, self.size)
+                capacity = fcntl.fcntl(write_fd, F_SETPIPE_SZ, self.size)
             except OSError:
                 pass  # over /proc/sys/fs/pipe-max-size or the user's pipe budget: keep 64 KiB
         return (read_fd, write_fd, capacity)
