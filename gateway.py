@@ -673,6 +673,7 @@ class Relay:
         self.peer = peer
         self.state = self.DIALING
         self.plan = gateway.pool.plan()
+        self.tried = set()
         self.endpoint = None
         self.dial = None
         self.retry_timer = None
@@ -701,6 +702,7 @@ class Relay:
             return
         self.gateway.no_descriptors(self, reason, giving_up=False)
         self.plan.insert(0, self.endpoint)
+        self.tried.discard(self.endpoint.key)
         self.retry_timer = self.reactor.call_later(ACCEPT_PAUSE_DELAY, self._dial_next)
 
     def _dial_next(self) -> None:
@@ -711,6 +713,7 @@ class Relay:
             self._close()
             return
         self.endpoint = self.plan.pop(0)
+        self.tried.add(self.endpoint.key)
         dial = Dial(self.reactor, self.endpoint, self.gateway.dial_timeout, self._dialed)
         if dial.sock is not None:  # still in flight (a synchronous result already moved on)
             self.dial = dial
@@ -722,6 +725,9 @@ class Relay:
             return
         if sock is None:
             self.gateway.dial_failed(self.endpoint, reason)
+            # Plan again: after a failure the policy chooses anew (sticky's next endpoint serves
+            # this client too), and endpoints already tried are not tried twice.
+            self.plan = [e for e in self.gateway.pool.plan() if e.key not in self.tried]
             self._dial_next()
             return
         self.upstream_sock = sock
