@@ -8,20 +8,25 @@ member's id in `header.member_id`, which is how a test sees where a new connecti
 Records are changed while the gateway runs by replacing `DNSTestServer.records` (or `.mode`).
 """
 import json
+import os
 import re
 import signal
 import socket
 import threading
 import time
+import urllib.request
 
 import pytest
 from dnslib import RR
 
 from dnsserver import DNSTestServer
 from etcd_cluster import EtcdCluster, etcd_cluster  # noqa: F401  (pytest fixture)
-from support import READY_RE, Gateway, free_port, gateway_cli
+from support import READY_RE, Gateway, free_port, gateway_cli, wait_until
 
 TTL = 60
+# The TLS validation of a discovered member may take max(2 x --dial-timeout, 1s): generous, so
+# that a loaded machine is not mistaken for a bad certificate. Dead members refuse at once.
+DIAL_TIMEOUT = "2s"
 # How fast a changed record set must reach new connections with --discovery-refresh 1s.
 CHANGE_DEADLINE = 5.0
 # etcdctl attempts while the gateway may still point at a dead member: short, so that a failed
@@ -29,6 +34,8 @@ CHANGE_DEADLINE = 5.0
 QUICK_ETCDCTL = ("--dial-timeout", "1s", "--command-timeout", "2s")
 # Starts of a secure-discovery gateway in a row: a race at start-up must not hide in luck.
 REPEATED_STARTS = 20
+# SIGHUP refresh rounds before the descriptor count is compared with the one after start-up.
+SIGHUP_ROUNDS = 9
 # resolv.conf has no port: a DNS server for it must listen on port 53 of a spare loopback address.
 PORT53_HOSTS = tuple("127.0.%d.53" % n for n in range(9, 29))
 
@@ -77,7 +84,7 @@ class DiscoveryGateway(Gateway):
     def __init__(self, domain, *extra_args, dns=None, preexec=None):
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
-        args = ["start", "--listen-addr", self.addr, "--dial-timeout", "500ms", *extra_args]
+        args = ["start", "--listen-addr", self.addr, "--dial-timeout", DIAL_TIMEOUT, *extra_args]
         if domain is not None:
             args += ["--discovery-srv", domain]
         if dns is not None:
@@ -131,7 +138,7 @@ def assert_one_line_error(result, *needles):
 def failing_start(domain, dns, *extra_args):
     return gateway_cli(["start", "--listen-addr", f"127.0.0.1:{free_port()}",
                         "--discovery-srv", domain, "--dns-server", dns_flag(dns),
-                        "--dial-timeout", "500ms", *extra_args])
+                        "--dial-timeout", DIAL_TIMEOUT, *extra_args])
 
 
 # ---- fixtures -------------------------------------------------------------------------------
@@ -336,6 +343,52 @@ def test_sighup_refreshes_at_once(plain, dns):
         assert gateway.log.wait_for(r"endpoints changed ", timeout=10, start=mark), \
             gateway.log.text()
         assert answered_by(plain, gateway) == 2
+
+
+def refresh_count(metrics_addr):
+    """etcd_gateway_discovery_refreshes_total summed over results, from the status port."""
+    with urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("etcd_gateway_discovery_refreshes_total{"))
+
+
+def sockets_of(pid):
+    """The socket descriptors of process `pid` (pipes are left out: the relay keeps a pool of
+    splice pipes on purpose), as (fd, link) pairs."""
+    fd_dir = f"/proc/{pid}/fd"
+    links = []
+    for fd in os.listdir(fd_dir):
+        try:
+            links.append((int(fd), os.readlink(f"{fd_dir}/{fd}")))
+        except OSError:
+            continue  # closed while we looked
+    return sorted(link for link in links if link[1].startswith("socket:"))
+
+
+def test_refreshes_leave_no_sockets_behind(tls_cluster, dns):
+    # Every SIGHUP round opens DNS sockets and, for the record that never validates, two TLS
+    # probes; SERVFAIL rounds end early. None of them may outlive its round.
+    zone = "\n".join([members_zone(tls_cluster, "sec.test", "_etcd-client-ssl", [0]),
+                      members_zone(tls_cluster, "sec.test", "_etcd-client-ssl", [1],
+                                   "evil.{domain}")])
+    set_zone(dns, zone)
+    metrics_addr = f"127.0.0.1:{free_port()}"
+    with DiscoveryGateway("sec.test", "--trusted-ca-file", str(tls_cluster.ca_path),
+                          "--discovery-refresh", "0", "--metrics-addr", metrics_addr,
+                          dns=dns) as gateway:
+        assert gateway.ready_targets == targets(tls_cluster, "sec.test", [0])
+        baseline = sockets_of(gateway.pid)
+        for round_number in range(SIGHUP_ROUNDS):
+            dns.mode = "servfail" if round_number % 3 == 2 else "normal"
+            before = refresh_count(metrics_addr)
+            gateway.signal(signal.SIGHUP)
+            assert wait_until(lambda: refresh_count(metrics_addr) > before, timeout=10), \
+                (round_number, gateway.log.text())
+        assert "endpoints changed" not in gateway.log.text()
+        assert answered_by(tls_cluster, gateway) == 0
+        assert wait_until(lambda: len(sockets_of(gateway.pid)) <= len(baseline), timeout=10), (
+            baseline, sockets_of(gateway.pid))
 
 
 class MarkerServer:
