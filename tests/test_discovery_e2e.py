@@ -34,7 +34,7 @@ CHANGE_DEADLINE = 5.0
 QUICK_ETCDCTL = ("--dial-timeout", "1s", "--command-timeout", "2s")
 # Starts of a secure-discovery gateway in a row: a race at start-up must not hide in luck.
 REPEATED_STARTS = 20
-# SIGHUP refresh rounds before the descriptor count is compared with the one after start-up.
+# SIGHUP refresh rounds before the socket count is compared with the one after start-up.
 SIGHUP_ROUNDS = 9
 # resolv.conf has no port: a DNS server for it must listen on port 53 of a spare loopback address.
 PORT53_HOSTS = tuple("127.0.%d.53" % n for n in range(9, 29))
@@ -114,13 +114,14 @@ def answered_by(cluster, gateway, *extra):
 
 def first_answer_from(cluster, gateway, index, deadline):
     """Poll new etcdctl connections through the gateway until member `index` answers; the
-    monotonic time it did, or None at the deadline."""
+    monotonic time it did, or None if it did not by the deadline."""
     while time.monotonic() < deadline:
         result = cluster.etcdctl([*QUICK_ETCDCTL, "-w", "json", "get", "e2e/disc",
                                   "--consistency=s"], endpoint=gateway.addr, timeout=10)
         if result.returncode == 0:
             if cluster.index_of(json.loads(result.stdout)["header"]["member_id"]) == index:
-                return time.monotonic()
+                answered_at = time.monotonic()
+                return answered_at if answered_at <= deadline else None
     return None
 
 
@@ -345,10 +346,14 @@ def test_sighup_refreshes_at_once(plain, dns):
         assert answered_by(plain, gateway) == 2
 
 
-def refresh_count(metrics_addr):
+def refresh_count(gateway, metrics_addr):
     """etcd_gateway_discovery_refreshes_total summed over results, from the status port."""
-    with urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
+    try:
+        with urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError as exc:  # a gateway that exited by itself is the likely cause: show why
+        raise AssertionError(f"GET /metrics: {exc}; gateway exit status "
+                             f"{gateway.proc.poll()}\n{gateway.log.text()}") from None
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("etcd_gateway_discovery_refreshes_total{"))
 
@@ -381,9 +386,9 @@ def test_refreshes_leave_no_sockets_behind(tls_cluster, dns):
         baseline = sockets_of(gateway.pid)
         for round_number in range(SIGHUP_ROUNDS):
             dns.mode = "servfail" if round_number % 3 == 2 else "normal"
-            before = refresh_count(metrics_addr)
+            before = refresh_count(gateway, metrics_addr)
             gateway.signal(signal.SIGHUP)
-            assert wait_until(lambda: refresh_count(metrics_addr) > before, timeout=10), \
+            assert wait_until(lambda: refresh_count(gateway, metrics_addr) > before, timeout=10), \
                 (round_number, gateway.log.text())
         assert "endpoints changed" not in gateway.log.text()
         assert answered_by(tls_cluster, gateway) == 0
