@@ -55,6 +55,7 @@ RECV_CHUNK_BYTES = 256 * 1024
 SPLICE_PIPE_BYTES = 256 * 1024
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE_DELAY = 0.25  # after EMFILE/ENFILE: the pending connections wait in the backlog
+TLS_VALIDATION_MIN_TIMEOUT = 3.0  # a handshake costs a few round trips and some CPU on both ends
 LOCAL_RETRY_TIMEOUT = 30.0  # how long an accepted client may wait for a descriptor to dial with
 KEEPALIVE_SECONDS = 15  # the Go gateway's net.Dialer/ListenConfig default
 LISTEN_BACKLOG = 4096
@@ -1497,13 +1498,17 @@ class TlsValidation:
         self.accepted, self.rejected = [], []
         self.waiting = 0
         domain = dnssrv.name_key(source.options.discovery_srv)
+        unchecked = []
         for endpoint in candidates:
             if (endpoint.host, endpoint.port, endpoint.address) in source.validated:
                 self.accepted.append(endpoint)
-                continue
-            self.waiting += 1
+            else:
+                unchecked.append(endpoint)
+        # Count them all before starting any: on loopback a handshake can finish inside _check.
+        self.waiting = len(unchecked)
+        for endpoint in unchecked:
             self._check(endpoint, [endpoint.host] + ([domain] if domain != endpoint.host else []), [])
-        if not self.waiting:
+        if not unchecked:
             self._finish()
 
     def _check(self, endpoint, names, reasons) -> None:
@@ -1512,7 +1517,7 @@ class TlsValidation:
             self._checked(endpoint, None, reasons + ["this Python has no ssl module"])
             return
         name = names[0]
-        timeout = max(2 * source.options.dial_timeout, 1.0)
+        timeout = max(2 * source.options.dial_timeout, TLS_VALIDATION_MIN_TIMEOUT)
         Probe(source.reactor, endpoint, timeout,
               lambda probe, ok, reply, reason: self._probed(endpoint, names, reasons, ok, reason),
               tls_context=source.tls_context, server_hostname=name)
@@ -1827,7 +1832,11 @@ class Gateway:
             self.refresh_timer = self.reactor.call_later(self.refresh_interval, self.refresh_now)
 
     def refresh_now(self, signum: int = 0) -> None:
-        if self.source is None or self.refreshing or self.shutting_down:
+        if self.source is None:
+            if signum:
+                self.log.info("nothing to refresh: the endpoints are IP addresses", signal=signal.Signals(signum).name)
+            return
+        if self.refreshing or self.shutting_down:
             return
         if signum:
             self.log.info("refreshing endpoints", signal=signal.Signals(signum).name)
@@ -1997,8 +2006,9 @@ def first_discovery(reactor: Reactor, source: EndpointSource, options, log: Log)
     outcome = []
 
     def done(endpoints, error):
-        outcome.append((endpoints, error))
-        reactor.stop()
+        if not outcome:  # only the first answer counts; a late one must not stop a serving loop
+            outcome.append((endpoints, error))
+            reactor.stop()
 
     source.refresh(done)
     if not outcome:
@@ -2056,7 +2066,8 @@ def serve(reactor: Reactor, options, log: Log) -> int:
         gateway.start_health_checks()
         if source.dynamic:
             gateway.start_refreshes(source, options.discovery_refresh)
-            reactor.add_signal_handler(signal.SIGHUP, gateway.refresh_now)
+        # Always handled: `systemctl reload` must never kill a gateway with only IP endpoints.
+        reactor.add_signal_handler(signal.SIGHUP, gateway.refresh_now)
         for signum in (signal.SIGTERM, signal.SIGINT):
             reactor.add_signal_handler(signum, gateway.begin_shutdown)
         log.info("ready to proxy client requests to [%s]" % ", ".join(str(e) for e in endpoints),
