@@ -84,14 +84,16 @@ def _is_valid_host(host: str) -> bool:
 
 
 def parse_endpoint(text: str) -> Endpoint:
-    """Parse one `--endpoints` item. `http://` and `https://` prefixes are stripped, as etcd does."""
+    """Parse one `--endpoints` item. `http://` and `https://` prefixes are stripped, as etcd does;
+    `https://` marks the member as TLS, for health checks (the relay forwards bytes either way)."""
     text = text.strip()
+    secure = text.startswith("https://")
     for scheme in ("http://", "https://"):
         if text.startswith(scheme):
             text = text[len(scheme):].rstrip("/")
             break
     host, port = split_hostport(text)
-    return Endpoint(host=host, port=port, address=host if _is_ip(host) else "")
+    return Endpoint(host=host, port=port, address=host if _is_ip(host) else "", secure=secure)
 
 
 def parse_endpoints(text: str) -> List[Endpoint]:

@@ -2027,10 +2027,12 @@ def first_discovery(reactor: Reactor, source: EndpointSource, options, log: Log)
 
 
 def discovery_tls_context(options):
+    """The context that verifies members: for secure discovery, and for etcd health checks of
+    TLS members (`https://` endpoints or `_etcd-client-ssl` records)."""
     if options.discovery_srv and not options.insecure_discovery:
         return make_tls_context(options.trusted_ca_file)
-    if options.discovery_srv and ssl is not None:  # for etcd health checks of TLS members
-        return make_tls_context(options.trusted_ca_file)
+    if options.discovery_srv or any(endpoint.secure for endpoint in options.endpoints):
+        return make_tls_context(options.trusted_ca_file) if ssl is not None else None
     return None
 
 
