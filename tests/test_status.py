@@ -356,8 +356,8 @@ def fd_baseline(gateway):
     """Descriptors of an idle gateway after one round trip: the relay may keep spare splice
     pipes for the next connection, which is not a leak."""
     assert round_trip(gateway.addr, b"warm-up")
-    idle = lambda: scrape(gateway)["etcd_gateway_active_connections"].value() == 0  # noqa: E731
-    assert wait_until(idle, timeout=10)
+    assert wait_until(lambda: scrape(gateway)["etcd_gateway_active_connections"].value() == 0,
+                      timeout=10)
     return fd_count(gateway.pid)
 
 
