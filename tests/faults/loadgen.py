@@ -10,10 +10,10 @@ port: plain HTTP/1.1 with base64 keys and values, so no gRPC client is needed). 
   failure, the way a long-lived etcd client behaves.
 
 A failed attempt (refused, reset, EOF before a whole response, timeout, non-200 status) is retried
-once on a new connection, and both outcomes are recorded: `first_error` is what a client without
-retries would have seen, `error` what a client that retries once sees. A put counts as
-acknowledged only when some attempt returned 200; every acknowledged put must later be read back
-with `verify_acknowledged`. Every loop is bounded by an op count and a deadline.
+once on a new connection after RETRY_BACKOFF (100 ms), and both outcomes are recorded:
+`first_error` is what a client without retries would have seen, `error` what a client that
+retries once sees. A put counts as acknowledged only when some attempt returned 200; every
+acknowledged put must later be read back with `verify_acknowledged`. Every loop is bounded by an op count and a deadline.
 """
 import base64
 import json
@@ -26,6 +26,7 @@ from typing import Dict, List, Optional
 
 RECV_BYTES = 65536
 MAX_RESPONSE_BYTES = 16 << 20
+RETRY_BACKOFF = 0.1
 
 
 class OpError(Exception):
@@ -216,6 +217,10 @@ class LoadDriver:
                     conn[0] = None
                 if attempt == 1:
                     op.first_error, op.first_kind = exc.reason, exc.kind
+                    # Back off before the retry, as clients do (grpc-go waits too). Without it a
+                    # retry within milliseconds of a SIGKILL can still complete a handshake with
+                    # the dying member's listening socket and then be reset by it.
+                    self._stop.wait(RETRY_BACKOFF)
                 op.error = f"{exc.kind}: {exc.reason}"
         if op.ok:
             op.error = None
