@@ -947,6 +947,7 @@ class Probe:
         self.reply = bytearray()
         self.sock = None
         self.mask = 0
+        self.connected = False
         self.phase = "dial"
         self.timer = reactor.call_later(timeout, self._finish, False, "timeout after " + format_duration(timeout))
         dial = Dial(reactor, endpoint, timeout, self._connected)
@@ -961,6 +962,7 @@ class Probe:
             self._finish(False, reason)
             return
         self.sock = sock
+        self.connected = True
         if self.tls_context is not None:
             self.phase = "handshake"
             self.sock = self.tls_context.wrap_socket(sock, server_hostname=self.server_hostname,
@@ -1074,7 +1076,7 @@ def parse_health_reply(reply: bytes):
     compact = re.sub(rb"\s+", b"", body)
     if status_line[1] == b"200" and b'"health":"true"' in compact:
         return True, ""
-    found = re.search(rb'"reason":"([^"]*)"', compact)
+    found = re.search(rb'"reason"\s*:\s*"([^"]*)"', body)
     detail = found.group(1).decode("ascii", "replace") if found and found.group(1) else ""
     return False, "health %s%s" % (status_line[1].decode("ascii", "replace"),
                                    ": " + detail if detail else "")
@@ -1084,7 +1086,7 @@ def parse_health_reply(reply: bytes):
 
 STATUS_MAX_REQUEST_BYTES = 8192
 STATUS_REQUEST_TIMEOUT = 5.0
-HTTP_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
 def http_response(code: int, content_type: str, body: bytes) -> bytes:
@@ -1167,7 +1169,7 @@ class StatusConnection:
     def _respond(self, request: bytes) -> bytes:
         parts = request.split(b"\r\n", 1)[0].split()
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            return http_response(404, "text/plain", b"bad request\n")
+            return http_response(400, "text/plain", b"bad request\n")
         if parts[0] != b"GET":
             return http_response(405, "text/plain", b"method not allowed\n")
         path = parts[1].split(b"?", 1)[0].decode("ascii", "replace")
@@ -1738,7 +1740,9 @@ class Gateway:
     def _health_checked(self, probe: Probe, ok: bool, reply: bytes, reason: str) -> None:
         endpoint = probe.endpoint
         self.health_checks.pop(endpoint.key, None)
-        if reply and self.pool.mark_up(endpoint):
+        if not probe.connected and self.pool.contains(endpoint):
+            self.dial_failed(endpoint, reason)  # unreachable, not merely unhealthy
+        elif probe.connected and self.pool.mark_up(endpoint):
             self.log.info("endpoint up", endpoint=str(endpoint), reason="health check connected")
         if ok:
             ok, reason = parse_health_reply(reply)
