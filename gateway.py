@@ -855,12 +855,15 @@ class Relay:
     def _shut(self, flow: Flow) -> None:
         """The queue has drained after EOF: pass the half-close on."""
         flow.state = SHUT
+        if self.up.state is SHUT and self.down.state is SHUT:
+            # Both sides have been read to EOF, so close() sends the FIN itself (not a reset):
+            # one shutdown() less per connection.
+            self._close()
+            return
         try:
             flow.dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the peer is gone already; its own read side will report it
-        if self.up.state is SHUT and self.down.state is SHUT:
-            self._close()
 
     def _update_interest(self) -> None:
         """Derive both sockets' selector masks from the flows; touch the selector only on change."""
