@@ -4,6 +4,7 @@ Every helper uses monotonic deadlines (no fixed sleeps) and stops only what it s
 """
 import os
 import re
+import selectors
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_RE = re.compile(r"ready to proxy client requests to \[(.*)\]")
+IO_TIMEOUT = 20.0  # per blocking socket call: only "did not hang"
 
 
 def launcher_argv(launcher: str = "module"):
@@ -33,6 +35,66 @@ def free_port(host="127.0.0.1", family=socket.AF_INET):
         s.bind((host, 0))
         return s.getsockname()[1]
 
+
+def ipv6_loopback_available() -> bool:
+    """True when this machine can bind ::1 (some CI containers have no IPv6 at all)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+# ---- client sockets -------------------------------------------------------------------------
+
+def recv_exactly(sock, size):
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, f"EOF after {len(data)} of {size} bytes"
+        data += chunk
+    return bytes(data)
+
+
+def ping(address, payload=b"ping", timeout=IO_TIMEOUT):
+    """One request/response on a new connection, with no half-close involved: what came back."""
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(payload)
+        return recv_exactly(sock, len(payload))
+
+
+def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """True when the peer closes `sock` (EOF or reset) within `timeout`, ignoring data; False if
+    it hangs."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def read_until(stream, needle: bytes, timeout: float, data: bytes = b"") -> bytes:
+    """Read a pipe until `needle` is in `data` + what was read, EOF, or the deadline."""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(stream, selectors.EVENT_READ)
+        while needle not in data:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sel.select(remaining):
+                break
+            chunk = os.read(stream.fileno(), 4096)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+# ---- gateway processes ----------------------------------------------------------------------
 
 class LineReader:
     """Collects a process's stderr lines in a thread so a test can wait for one."""

@@ -10,20 +10,11 @@ import socket
 
 import pytest
 
-from support import ROOT, Gateway, free_port, gateway_cli
+from support import ROOT, Gateway, free_port, gateway_cli, ipv6_loopback_available
 from upstreams import EchoServer
 
 # Every way of starting the gateway: `python -m gateway`, the console script, the single file.
 LAUNCHERS = ["module", "script", "pyz"]
-
-
-def _ipv6_loopback_available():
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +105,7 @@ def test_no_endpoints_exits_1(launcher):
 
 
 SELF_CASES = [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("0.0.0.0", "127.0.0.2")]
-if _ipv6_loopback_available():
+if ipv6_loopback_available():
     SELF_CASES += [("[::1]", "[::1]"), ("[::]", "[::1]")]
 
 
@@ -147,7 +138,7 @@ def test_help_exits_0(launcher, args):
 
 def test_ready_line_lists_every_endpoint(launcher):
     endpoints = [f"127.0.0.1:{free_port()}", f"127.0.0.2:{free_port()}"]
-    if _ipv6_loopback_available():
+    if ipv6_loopback_available():
         endpoints.append(f"[::1]:{free_port('::1', socket.AF_INET6)}")
     with Gateway(["start", listen_flag(), "--endpoints=" + ",".join(endpoints)],
                  launcher=launcher) as gateway:

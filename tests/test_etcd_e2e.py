@@ -7,7 +7,6 @@ healed (stopped members resumed, killed ones restarted) before every test.
 """
 import json
 import os
-import selectors
 import socket
 import subprocess
 import time
@@ -16,7 +15,7 @@ from collections import Counter
 import pytest
 
 from etcd_cluster import EtcdCluster, etcd_cluster  # noqa: F401  (pytest fixture)
-from support import Gateway, fd_count, free_port, wait_until
+from support import Gateway, closed_by_peer, fd_count, free_port, read_until, wait_until
 
 FAILOVER_COMMANDS = 50
 POLICY_COMMANDS = 20
@@ -58,35 +57,6 @@ def answered_by(cluster, gateway, *args):
     """Run a `-w json` etcdctl command through the gateway; the index of the answering member."""
     result = ctl(cluster, gateway, "-w", "json", *args)
     return cluster.index_of(json.loads(result.stdout)["header"]["member_id"])
-
-
-def read_until(stream, needle: bytes, timeout: float, data: bytes = b"") -> bytes:
-    """Read a pipe until `needle` is in `data` + what was read, EOF, or the deadline."""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(stream, selectors.EVENT_READ)
-        while needle not in data:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sel.select(remaining):
-                break
-            chunk = os.read(stream.fileno(), 4096)
-            if not chunk:
-                break
-            data += chunk
-    return data
-
-
-def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
-    """True when the peer closes `sock` (EOF or reset) within `timeout`; False if it hangs."""
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(65536):
-            pass
-        return True
-    except ConnectionResetError:
-        return True
-    except socket.timeout:
-        return False
 
 
 def test_put_and_get(etcd_cluster):  # noqa: F811

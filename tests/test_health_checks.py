@@ -12,9 +12,7 @@ The cluster is shared by the module and healed before every test; the last test 
 default TCP mode keeping a frozen member, which is the difference the etcd mode makes.
 """
 import json
-import os
 import re
-import selectors
 import socket
 import subprocess
 import time
@@ -22,7 +20,7 @@ import time
 import pytest
 
 from etcd_cluster import EtcdCluster, etcd_cluster  # noqa: F401,F811  (pytest fixture)
-from support import wait_until
+from support import closed_by_peer, read_until, wait_until
 from test_status import StatusGateway, endpoints_of, health_of, scrape
 
 ETCD_MODE = ["--health-check=etcd", "--health-interval=1s", "--dial-timeout=500ms",
@@ -64,22 +62,6 @@ def event(gateway, msg, endpoint, timeout=EVENT_TIMEOUT):
     return gateway.log.wait_for(rf"\b{msg} endpoint={re.escape(endpoint)}(?!\d)", timeout)
 
 
-def read_until(stream, needle: bytes, timeout: float, data: bytes = b"") -> bytes:
-    """Read a pipe until `needle` is in `data` + what was read, EOF, or the deadline."""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(stream, selectors.EVENT_READ)
-        while needle not in data:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sel.select(remaining):
-                break
-            chunk = os.read(stream.fileno(), 4096)
-            if not chunk:
-                break
-            data += chunk
-    return data
-
-
 def watch_sees(cluster, gateway, watch, value: str, timeout: float) -> bool:
     """Put `value` through the gateway (again, bounded) until the watch prints it."""
     deadline = time.monotonic() + timeout
@@ -90,19 +72,6 @@ def watch_sees(cluster, gateway, watch, value: str, timeout: float) -> bool:
         if value.encode() in seen or time.monotonic() >= deadline:
             break
     return value.encode() in seen
-
-
-def closed_by_peer(sock, timeout) -> bool:
-    """True when the peer closes `sock` (EOF or reset) within `timeout`; False if it hangs."""
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(65536):
-            pass
-        return True
-    except ConnectionResetError:
-        return True
-    except socket.timeout:
-        return False
 
 
 def active_on(gateway, endpoint):

@@ -17,22 +17,13 @@ import time
 
 import pytest
 
-from support import Gateway, cpu_seconds, fd_count, free_port, rss_bytes, wait_until
+from support import (IO_TIMEOUT, Gateway, cpu_seconds, fd_count, free_port,
+                     ipv6_loopback_available, ping, recv_exactly, rss_bytes, wait_until)
 from upstreams import (Blackhole, EchoServer, RefusingPort, ScriptedServer, after_delay,
                        expected_reply_after_eof, greeting, observe_peer, pusher, recv_until_eof,
                        reply_after_eof, reset_after_first_bytes, reset_close, shut_write_first)
 
 MiB = 1 << 20
-IO_TIMEOUT = 20.0  # per blocking socket call: only "did not hang"
-
-
-def _ipv6_loopback_available():
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -109,22 +100,6 @@ def exchange(address, chunks, timeout=60.0):
                     if not outgoing:
                         sock.shutdown(socket.SHUT_WR)
                         selector.modify(sock, selectors.EVENT_READ)
-
-
-def recv_exactly(sock, size):
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return bytes(data)
-
-
-def ping(address, payload=b"ping"):
-    """One request/response on a new connection, with no half-close involved: what came back."""
-    with connect(address) as sock:
-        sock.sendall(payload)
-        return recv_exactly(sock, len(payload))
 
 
 def echo_once(sock, payload):
@@ -350,7 +325,7 @@ def test_failed_endpoint_returns_after_retry_delay(gateways):
         assert returning.served >= 1, "round-robin never used the endpoint that came back"
 
 
-@pytest.mark.skipif(not _ipv6_loopback_available(), reason="no ::1 on this machine")
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="no ::1 on this machine")
 def test_ipv6_listen_and_endpoint(gateways):
     with EchoServer(host="::1") as upstream:
         gateway = gateways([upstream.endpoint], host="::1")

@@ -24,7 +24,8 @@ from typing import Dict, NamedTuple, Tuple
 
 import pytest
 
-from support import Gateway, fd_count, free_port, rss_bytes, wait_until
+from support import (Gateway, closed_by_peer, fd_count, free_port, ping, recv_exactly, rss_bytes,
+                     wait_until)
 from upstreams import EchoServer, RefusingPort, ScriptedServer
 
 IO_TIMEOUT = 10.0  # per blocking socket call: only "did not hang"
@@ -323,33 +324,9 @@ def refusing():
         yield port
 
 
-def recv_exactly(sock, size):
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return bytes(data)
-
-
 def round_trip(addr, payload=b"ping"):
     """One echoed request/response through the proxy port on a fresh connection."""
-    with socket.create_connection(addr, timeout=IO_TIMEOUT) as sock:
-        sock.sendall(payload)
-        return recv_exactly(sock, len(payload)) == payload
-
-
-def closed_by_peer(sock, timeout=IO_TIMEOUT) -> bool:
-    """True when the peer closes `sock` (EOF or reset) within `timeout`, ignoring data."""
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(65536):
-            pass
-        return True
-    except ConnectionResetError:
-        return True
-    except socket.timeout:
-        return False
+    return ping(addr, payload, IO_TIMEOUT) == payload
 
 
 def fd_baseline(gateway):
@@ -456,7 +433,7 @@ def test_health_flips_to_503_when_every_endpoint_is_down_and_back():
             # Nothing has failed yet: the endpoint is presumed up, as the Go gateway does.
             assert health_of(gateway) == (200, {"health": "true"})
             with socket.create_connection(gateway.addr, timeout=IO_TIMEOUT) as client:
-                assert closed_by_peer(client), "client held although every endpoint refused"
+                assert closed_by_peer(client, IO_TIMEOUT), "client held although every endpoint refused"
             assert gateway.log.wait_for(rf"endpoint down.*{upstream.endpoint}", 10)
             assert health_of(gateway) == (503, {"health": "false"})
 
@@ -469,7 +446,7 @@ def test_health_flips_to_503_when_every_endpoint_is_down_and_back():
 
             upstream.close()  # stop the upstream: its port now refuses again
             with socket.create_connection(gateway.addr, timeout=IO_TIMEOUT) as client:
-                assert closed_by_peer(client)
+                assert closed_by_peer(client, IO_TIMEOUT)
             assert wait_until(lambda: health_of(gateway)[0] == 503, timeout=10, interval=0.05)
             assert health_of(gateway) == (503, {"health": "false"})
     finally:
@@ -787,7 +764,7 @@ def test_repeated_identical_errors_are_rate_limited():
             burst_end = time.monotonic() + 10
             while clients < 100 and time.monotonic() < burst_end:
                 with socket.create_connection(gateway.addr, timeout=IO_TIMEOUT) as client:
-                    assert closed_by_peer(client)
+                    assert closed_by_peer(client, IO_TIMEOUT)
                 clients += 1
             assert gateway.log.wait_for(pattern, 5)
             # Keep clients coming (bounded) until the limiter lets the next line through.
@@ -796,7 +773,7 @@ def test_repeated_identical_errors_are_rate_limited():
                 if gateway.log.wait_for(r"no endpoint reachable.*suppressed=", 0.1):
                     break
                 with socket.create_connection(gateway.addr, timeout=IO_TIMEOUT) as client:
-                    assert closed_by_peer(client)
+                    assert closed_by_peer(client, IO_TIMEOUT)
                 clients += 1
             limited = [line for line in gateway.log.text().splitlines() if pattern in line]
             downs = [line for line in gateway.log.text().splitlines() if "endpoint down" in line]
