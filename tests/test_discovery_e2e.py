@@ -20,7 +20,7 @@ import pytest
 from dnslib import RR
 
 from dnsserver import DNSTestServer
-from etcd_cluster import EtcdCluster, etcd_cluster  # noqa: F401  (pytest fixture)
+from etcd_cluster import EtcdCluster, answered_by, ctl, etcd_cluster  # noqa: F401  (fixture)
 from support import READY_RE, Gateway, free_port, gateway_cli, wait_until
 
 TTL = 60
@@ -96,20 +96,10 @@ class DiscoveryGateway(Gateway):
         return set(READY_RE.search(self.ready_line).group(1).split(", "))
 
 
-def ctl(cluster, gateway, *args):
-    """etcdctl through the gateway, failing the test with its stderr and the gateway log."""
-    result = cluster.etcdctl(list(args), endpoint=gateway.addr)
-    assert result.returncode == 0, (
-        f"etcdctl {' '.join(args)} failed: {result.stderr}\n"
-        f"--- gateway log ---\n{gateway.log.text()}")
-    return result
-
-
-def answered_by(cluster, gateway, *extra):
+def member_answering(cluster, gateway):
     """The index of the member answering a serializable get through the gateway (serializable:
     the member answers itself, so the timing is the gateway's and not a raft election's)."""
-    result = ctl(cluster, gateway, *extra, "-w", "json", "get", "e2e/disc", "--consistency=s")
-    return cluster.index_of(json.loads(result.stdout)["header"]["member_id"])
+    return answered_by(cluster, gateway, "get", "e2e/disc", "--consistency=s")
 
 
 def first_answer_from(cluster, gateway, index, deadline):
@@ -189,7 +179,7 @@ def test_discovery_srv_name_asks_the_named_service(plain, dns):
                           dns=dns) as gateway:
         assert gateway.ready_targets == targets(plain, "named.test", (1, 2))
         assert ctl(plain, gateway, "put", "e2e/disc", "v2").stdout.strip() == "OK"
-        assert answered_by(plain, gateway) in (1, 2)
+        assert member_answering(plain, gateway) in (1, 2)
     asked = {name for _, name, _ in dns.seen()}
     assert {"_etcd-client-ssl-blue._tcp.named.test", "_etcd-client-blue._tcp.named.test"} <= asked
     assert "_etcd-client._tcp.named.test" not in asked
@@ -266,7 +256,7 @@ def test_explicit_endpoints_are_the_fallback(plain, dns):
             r"warn discovery failed at start-up, using --endpoints as a fallback", timeout=0)
         assert warning is not None and "NXDOMAIN" in warning, gateway.log.text()
         assert gateway.ready_targets == {plain.members[2].client_addr}
-        assert answered_by(plain, gateway) == 2
+        assert member_answering(plain, gateway) == 2
 
 
 # ---- discovery while running ----------------------------------------------------------------
@@ -275,7 +265,7 @@ def test_changed_records_reach_new_connections_within_5s(plain, dns):
     set_zone(dns, members_zone(plain, "live.test", "_etcd-client", [0]))
     with DiscoveryGateway("live.test", "--insecure-discovery", "--discovery-refresh", "1s",
                           dns=dns) as gateway:
-        assert answered_by(plain, gateway) == 0
+        assert member_answering(plain, gateway) == 0
         mark = len(gateway.log.lines)
         changed_at = time.monotonic()
         set_zone(dns, members_zone(plain, "live.test", "_etcd-client", [1]))
@@ -294,7 +284,7 @@ def test_refreshed_secure_records_are_validated_before_use(tls_cluster, dns):
     set_zone(dns, members_zone(tls_cluster, "sec.test", "_etcd-client-ssl", [0]))
     with DiscoveryGateway("sec.test", "--trusted-ca-file", str(tls_cluster.ca_path),
                           "--discovery-refresh", "1s", dns=dns) as gateway:
-        assert answered_by(tls_cluster, gateway) == 0
+        assert member_answering(tls_cluster, gateway) == 0
         mark = len(gateway.log.lines)
         set_zone(dns, members_zone(tls_cluster, "sec.test", "_etcd-client-ssl", [1],
                                    "evil.{domain}"))
@@ -302,7 +292,7 @@ def test_refreshed_secure_records_are_validated_before_use(tls_cluster, dns):
             r"warn endpoint refresh failed, keeping the last good set", timeout=10, start=mark)
         assert line is not None, gateway.log.text()
         assert "evil.sec.test" in line and "failed TLS validation" in line, line
-        assert answered_by(tls_cluster, gateway) == 0
+        assert member_answering(tls_cluster, gateway) == 0
         changed_at = time.monotonic()
         set_zone(dns, members_zone(tls_cluster, "sec.test", "_etcd-client-ssl", [1]))
         answered_at = first_answer_from(tls_cluster, gateway, 1, changed_at + CHANGE_DEADLINE)
@@ -324,7 +314,7 @@ def test_failed_refresh_keeps_the_last_good_set(plain, dns):
             line = gateway.log.wait_for(
                 r"warn endpoint refresh failed, keeping the last good set", timeout=10, start=mark)
             assert line is not None and reason in line, gateway.log.text()
-            assert answered_by(plain, gateway) in (0, 1)
+            assert member_answering(plain, gateway) in (0, 1)
         assert "endpoints changed" not in gateway.log.text()
 
 
@@ -332,10 +322,10 @@ def test_sighup_refreshes_at_once(plain, dns):
     set_zone(dns, members_zone(plain, "hup.test", "_etcd-client", [0]))
     with DiscoveryGateway("hup.test", "--insecure-discovery", "--discovery-refresh", "0",
                           dns=dns) as gateway:
-        assert answered_by(plain, gateway) == 0
+        assert member_answering(plain, gateway) == 0
         set_zone(dns, members_zone(plain, "hup.test", "_etcd-client", [2]))
         queries_before = len(dns.seen())
-        assert answered_by(plain, gateway) == 0  # --discovery-refresh 0: nothing asked again
+        assert member_answering(plain, gateway) == 0  # --discovery-refresh 0: nothing asked again
         assert len(dns.seen()) == queries_before
         mark = len(gateway.log.lines)
         gateway.signal(signal.SIGHUP)
@@ -343,7 +333,7 @@ def test_sighup_refreshes_at_once(plain, dns):
                                     start=mark), gateway.log.text()
         assert gateway.log.wait_for(r"endpoints changed ", timeout=10, start=mark), \
             gateway.log.text()
-        assert answered_by(plain, gateway) == 2
+        assert member_answering(plain, gateway) == 2
 
 
 def refresh_count(gateway, metrics_addr):
@@ -391,7 +381,7 @@ def test_refreshes_leave_no_sockets_behind(tls_cluster, dns):
             assert wait_until(lambda: refresh_count(gateway, metrics_addr) > before, timeout=10), \
                 (round_number, gateway.log.text())
         assert "endpoints changed" not in gateway.log.text()
-        assert answered_by(tls_cluster, gateway) == 0
+        assert member_answering(tls_cluster, gateway) == 0
         assert wait_until(lambda: len(sockets_of(gateway.pid)) <= len(baseline), timeout=10), (
             baseline, sockets_of(gateway.pid))
 
@@ -461,7 +451,7 @@ def test_host_names_in_endpoints_are_resolved_again(plain, dns):
         line = gateway.log.wait_for(r"endpoints changed ", timeout=10, start=mark)
         assert line is not None, gateway.log.text()
         assert f"etcd.names.test:{port} 127.0.0.2->127.0.0.1" in line, line
-        assert answered_by(plain, gateway) == 0
+        assert member_answering(plain, gateway) == 0
 
 
 # ---- the default /etc/resolv.conf -----------------------------------------------------------
@@ -521,7 +511,7 @@ def test_default_resolv_conf_is_honoured(plain, tmp_path):
                 r"warn endpoint refresh failed, keeping the last good set", timeout=10,
                 start=mark)
             assert line is not None and re.search(r"time(d )?out", line), gateway.log.text()
-            assert answered_by(plain, gateway) in range(3)
+            assert member_answering(plain, gateway) in range(3)
     # The bind mount never reached this namespace.
     assert open("/etc/resolv.conf").read() == host_resolv_conf
     assert resolv_conf_mounts() == host_mounts

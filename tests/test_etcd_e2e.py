@@ -12,19 +12,12 @@ import subprocess
 import time
 from collections import Counter
 
-import pytest
-
-from etcd_cluster import EtcdCluster, etcd_cluster  # noqa: F401  (pytest fixture)
+from etcd_cluster import (EtcdCluster, answered_by, ctl, etcd_cluster,  # noqa: F401  (fixtures)
+                          healthy_cluster)
 from support import Gateway, closed_by_peer, fd_count, free_port, read_until, wait_until
 
 FAILOVER_COMMANDS = 50
 POLICY_COMMANDS = 20
-
-
-@pytest.fixture(autouse=True)
-def healthy_cluster(etcd_cluster):  # noqa: F811
-    etcd_cluster.heal()
-    return etcd_cluster
 
 
 class EtcdGateway(Gateway):
@@ -42,21 +35,6 @@ class EtcdGateway(Gateway):
         fd_dir = f"/proc/{self.pid}/fd"
         assert wait_until(lambda: fd_count(self.pid) <= self.baseline_fds, timeout=10), (
             self.baseline_fds, sorted(os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)))
-
-
-def ctl(cluster, gateway, *args):
-    """etcdctl through the gateway, failing the test with its stderr and the gateway log."""
-    result = cluster.etcdctl(list(args), endpoint=gateway.addr)
-    assert result.returncode == 0, (
-        f"etcdctl {' '.join(args)} failed: {result.stderr}\n"
-        f"--- gateway log ---\n{gateway.log.text()}")
-    return result
-
-
-def answered_by(cluster, gateway, *args):
-    """Run a `-w json` etcdctl command through the gateway; the index of the answering member."""
-    result = ctl(cluster, gateway, "-w", "json", *args)
-    return cluster.index_of(json.loads(result.stdout)["header"]["member_id"])
 
 
 def test_put_and_get(etcd_cluster):  # noqa: F811

@@ -17,9 +17,8 @@ import socket
 import subprocess
 import time
 
-import pytest
-
-from etcd_cluster import EtcdCluster, etcd_cluster  # noqa: F401,F811  (pytest fixture)
+from etcd_cluster import (EtcdCluster, answered_by, ctl, etcd_cluster,  # noqa: F401  (fixtures)
+                          gateway_endpoint, healthy_cluster)
 from support import closed_by_peer, read_until, wait_until
 from test_status import StatusGateway, endpoints_of, health_of, scrape
 
@@ -29,32 +28,6 @@ ETCD_MODE = ["--health-check=etcd", "--health-interval=1s", "--dial-timeout=500m
 # generous "within a few seconds", far below what a hung member would cost a client otherwise.
 LEAVE_WITHIN = 10.0
 EVENT_TIMEOUT = 20.0  # waiting for a log line: only "did not hang"
-
-
-@pytest.fixture(autouse=True)
-def healthy_cluster(etcd_cluster):  # noqa: F811
-    etcd_cluster.heal()
-    return etcd_cluster
-
-
-def addr_of(gateway):
-    return "%s:%d" % gateway.addr
-
-
-def ctl(cluster, gateway, *args, check=True):
-    """etcdctl through the gateway only."""
-    result = cluster.etcdctl(list(args), endpoint=addr_of(gateway))
-    if check:
-        assert result.returncode == 0, (
-            f"etcdctl {' '.join(args)} failed: {result.stderr}\n--- gateway log ---\n"
-            + gateway.log.text())
-    return result
-
-
-def answered_by(cluster, gateway, *args):
-    """The index of the member that answered a `-w json` etcdctl command sent via the gateway."""
-    result = ctl(cluster, gateway, "-w", "json", *args)
-    return cluster.index_of(json.loads(result.stdout)["header"]["member_id"])
 
 
 def event(gateway, msg, endpoint, timeout=EVENT_TIMEOUT):
@@ -88,7 +61,7 @@ def test_sigstopped_member_leaves_the_rotation_and_returns(etcd_cluster):  # noq
         stopped = answered_by(cluster, gateway, "get", "hc/any")
         frozen = cluster.members[stopped].client_addr
         raw = socket.create_connection(gateway.addr, timeout=10)
-        watch = cluster.etcdctl_popen(["watch", "hc/watched"], endpoint=addr_of(gateway),
+        watch = cluster.etcdctl_popen(["watch", "hc/watched"], endpoint=gateway_endpoint(gateway),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             # Both connections stick to the member in use; the watch is live before the fault.
