@@ -748,6 +748,14 @@ class Relay:
         if self.state is not self.RELAYING:
             return  # closed earlier in this same batch of events
         client = sock is self.client_sock
+        if mask == EVENT_READ:
+            flow = self.up if client else self.down
+            self._pump(flow)
+            if flow.state is OPEN and not flow.queue and not flow.piped:
+                return  # the hot path: everything read was passed on, so no mask changed
+            if self.state is self.RELAYING:
+                self._update_interest()
+            return
         if mask & EVENT_WRITE:
             self._flush(self.down if client else self.up)
         if mask & EVENT_READ and self.state is self.RELAYING:
