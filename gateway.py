@@ -506,8 +506,8 @@ LOCAL_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 class Dial:
     """One non-blocking connect bounded by a timeout. Calls `on_done(dial, sock, None)` with a
-    connected socket, or `on_done(dial, None, reason)`; exactly once, unless cancelled. `local_failure` is set when
-    the failure was ours (out of descriptors), not the endpoint's."""
+    connected socket, or `on_done(dial, None, reason)`; exactly once, unless cancelled.
+    `local_failure` is set when the failure was ours (out of descriptors), not the endpoint's."""
 
     def __init__(self, reactor: Reactor, endpoint: ep.Endpoint, timeout: float, on_done):
         self.reactor = reactor
@@ -960,7 +960,8 @@ class Probe:
         self.mask = 0
         self.connected = False
         self.phase = "dial"
-        self.timer = reactor.call_later(timeout, self._finish, False, "timeout after " + format_duration(timeout))
+        self.timer = reactor.call_later(timeout, self._finish, False,
+                                        "timeout after " + format_duration(timeout))
         dial = Dial(reactor, endpoint, timeout, self._connected)
         self.dial = dial if dial.sock is not None else None
 
@@ -1097,7 +1098,8 @@ def parse_health_reply(reply: bytes):
 
 STATUS_MAX_REQUEST_BYTES = 8192
 STATUS_REQUEST_TIMEOUT = 5.0
-HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                503: "Service Unavailable"}
 
 
 def http_response(code: int, content_type: str, body: bytes) -> bytes:
@@ -1223,7 +1225,8 @@ def read_process_gauges(start_wall: float):
             rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         rss = -1
-    return [("process_start_time_seconds", "Start time of the process since unix epoch in seconds.", start_wall),
+    return [("process_start_time_seconds", "Start time of the process since unix epoch in seconds.",
+             start_wall),
             ("process_open_fds", "Number of open file descriptors.", open_fds),
             ("process_resident_memory_bytes", "Resident memory size in bytes.", rss)]
 
@@ -1849,7 +1852,8 @@ class Gateway:
     def refresh_now(self, signum: int = 0) -> None:
         if self.source is None:
             if signum:
-                self.log.info("nothing to refresh: the endpoints are IP addresses", signal=signal.Signals(signum).name)
+                self.log.info("nothing to refresh: the endpoints are IP addresses",
+                              signal=signal.Signals(signum).name)
             return
         if self.refreshing or self.shutting_down:
             return
@@ -1864,8 +1868,10 @@ class Gateway:
             endpoints = self._without_self(endpoints)
         if error is not None or not endpoints:
             self.stats["refresh_error"] += 1
-            self.log.limited("warn", "refresh:" + str(error), 60.0, "endpoint refresh failed, keeping the last good set",
-                             reason=error or "no endpoints", endpoints=[str(e) for e in self.pool.endpoints])
+            self.log.limited("warn", "refresh:" + str(error), 60.0,
+                             "endpoint refresh failed, keeping the last good set",
+                             reason=error or "no endpoints",
+                             endpoints=[str(e) for e in self.pool.endpoints])
         else:
             self.stats["refresh_ok"] += 1
             self.apply_endpoints(endpoints)
