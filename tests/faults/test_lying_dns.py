@@ -23,7 +23,7 @@ from dnsserver import DNSTestServer
 from etcd_cluster import EtcdCluster
 from faults.conftest import ProcessWatch, record_result, scaled
 from faults.loadgen import LoadDriver
-from faults.test_members import CLIENTS, sleep_until, warm_up
+from faults.scenario import CLIENTS, sleep_until, warm_up
 from support import Gateway, free_port, wait_until
 from upstreams import RefusingPort
 

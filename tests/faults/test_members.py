@@ -13,104 +13,24 @@ back afterwards, and the gateway's descriptors and idle CPU. Invariants:
 * the gateway is alive, returns to its baseline descriptors and is idle when the load stops.
 """
 import time
-import uuid
 
 import pytest
 
-from etcd_cluster import EtcdCluster
-from faults.conftest import ProcessWatch, record_result, scaled
-from faults.loadgen import LoadDriver
-from support import Gateway, free_port, wait_until
+from faults.conftest import scaled
+from faults.scenario import (CLIENTS, DIAL_TIMEOUT, FAULT_AT, HEALTH_INTERVAL,  # noqa: F401
+                             LOAD_SECONDS, cluster, finish, gateway_for, healed, member_in_use,
+                             sleep_until, start_load)
+from support import wait_until
 
 pytestmark = pytest.mark.faults
 
-DIAL_TIMEOUT = 0.5
-HEALTH_INTERVAL = 1.0
-LOAD_SECONDS = scaled(8.0, 60.0)
-FAULT_AT = scaled(2.0, 10.0)          # seconds of steady load before the fault
 FAULT_HOLD = scaled(3.0, 20.0)        # how long a member stays dead / frozen
-AFTER_FAULT = scaled(2.0, 10.0)       # load after the member is back
-CLIENTS = 6
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with EtcdCluster(tmp_path_factory.mktemp("faults-etcd")) as running:
-        yield running
-
-
-@pytest.fixture(autouse=True)
-def healed(cluster):
-    cluster.heal()
-    yield cluster
-    cluster.heal()
-
-
-def start_gateway(endpoints, *extra):
-    addr = f"127.0.0.1:{free_port()}"
-    gateway = Gateway(["start", "--endpoints", ",".join(endpoints), "--listen-addr", addr,
-                       "--dial-timeout", f"{int(DIAL_TIMEOUT * 1000)}ms", "--retry-delay", "1s",
-                       *extra])
-    gateway.addr = addr
-    return gateway
-
-
-def member_in_use(cluster, driver, since):
-    """The member that answered most ops started after `since` (sticky: the only one)."""
-    counts = {}
-    for op in list(driver.ops):
-        if op.ok and op.started >= since and op.member_id:
-            counts[op.member_id] = counts.get(op.member_id, 0) + 1
-    assert counts, "no op succeeded before the fault:\n" + "\n".join(driver.errors())
-    return cluster.index_of(max(counts, key=counts.get))
-
-
-def warm_up(driver, count=20, timeout=20.0):
-    assert wait_until(lambda: driver.successes_since(driver.started) >= count, timeout=timeout), (
-        "the load never got going:\n" + "\n".join(driver.errors()))
-
-
-def sleep_until(instant):
-    """Let the load run until `instant` (the load is what the test is waiting for)."""
-    remaining = instant - time.monotonic()
-    if remaining > 0:
-        time.sleep(remaining)
-
-
-def finish(name, cluster, gateway, driver, watch, fault_at, load, recover_bound,
-           expect_final_failures=False, notes=""):
-    """Stop the load, heal the cluster, read everything back and check every invariant."""
-    # Load keeps running a while after the last change, so recovery is measured, not assumed.
-    sleep_until(max(driver.started + LOAD_SECONDS, time.monotonic() + AFTER_FAULT))
-    driver.stop()
-    cluster.heal()
-    checked, checked_bytes, lost = driver.verify_acknowledged(gateway.addr)
-    figures = driver.figures(fault_at)
-    proc = watch.check()
-    row = record_result(dict({"fault": name, "load": load}, **figures, acked_checked=checked,
-                             bytes_checked=checked_bytes, lost=len(lost), **proc, notes=notes))
-    context = "\n".join(driver.errors()) + "\n--- gateway log ---\n" + gateway.log.text()[-4000:]
-    assert not lost, f"acknowledged puts lost: {lost[:10]}\n{context}"
-    assert row["mismatches"] == 0, context
-    late_conn = [op for op in driver.ops if op.first_kind == "conn"
-                 and op.started > fault_at + recover_bound]
-    assert not late_conn, (f"path failures later than {recover_bound}s after the fault:\n"
-                           + "\n".join(driver.errors()) + context)
-    if not expect_final_failures:
-        final = [op for op in driver.ops if not op.ok]
-        assert not final, f"a client that retries once failed {len(final)} times:\n{context}"
-    watch.assert_clean(proc, context)
-    return row
 
 
 @pytest.mark.parametrize("keepalive", [False, True], ids=["new-conn", "keepalive"])
 def test_kill_member_in_use_then_restart(cluster, keepalive):
-    with start_gateway(cluster.endpoints) as gateway:
-        watch = ProcessWatch(gateway.pid)
-        driver = LoadDriver(gateway.addr, f"/faults/kill-in-use/{uuid.uuid4().hex[:8]}",
-                            clients=CLIENTS, keepalive=keepalive, duration=LOAD_SECONDS + 30)
-        driver.start()
-        warm_up(driver)
+    with gateway_for(cluster.endpoints) as gateway:
+        watch, driver = start_load(gateway, "kill-in-use", LOAD_SECONDS + 30, keepalive=keepalive)
         sleep_until(driver.started + FAULT_AT)
         victim = member_in_use(cluster, driver, driver.started)
         # A follower, so that this scenario measures the gateway and not an election.
@@ -126,12 +46,8 @@ def test_kill_member_in_use_then_restart(cluster, keepalive):
 
 
 def test_kill_leader(cluster):
-    with start_gateway(cluster.endpoints) as gateway:
-        watch = ProcessWatch(gateway.pid)
-        driver = LoadDriver(gateway.addr, f"/faults/kill-leader/{uuid.uuid4().hex[:8]}",
-                            clients=CLIENTS, duration=LOAD_SECONDS + 30)
-        driver.start()
-        warm_up(driver)
+    with gateway_for(cluster.endpoints) as gateway:
+        watch, driver = start_load(gateway, "kill-leader", LOAD_SECONDS + 30)
         sleep_until(driver.started + FAULT_AT)
         in_use = member_in_use(cluster, driver, driver.started)
         # The leader is not the member in use: the clients see the election through a follower.
@@ -147,13 +63,9 @@ def test_kill_leader(cluster):
 
 def test_hung_member_sigstop_then_sigcont(cluster):
     hang = scaled(5.0, 20.0)
-    with start_gateway(cluster.endpoints, "--health-check", "etcd",
-                       "--health-interval", f"{int(HEALTH_INTERVAL)}s") as gateway:
-        watch = ProcessWatch(gateway.pid)
-        driver = LoadDriver(gateway.addr, f"/faults/sigstop/{uuid.uuid4().hex[:8]}",
-                            clients=CLIENTS, duration=LOAD_SECONDS + hang + 30, op_timeout=2.0)
-        driver.start()
-        warm_up(driver)
+    with gateway_for(cluster.endpoints, extra=("--health-check", "etcd",
+                     "--health-interval", f"{int(HEALTH_INTERVAL)}s")) as gateway:
+        watch, driver = start_load(gateway, "sigstop", LOAD_SECONDS + hang + 30, op_timeout=2.0)
         sleep_until(driver.started + FAULT_AT)
         victim = member_in_use(cluster, driver, driver.started)
         cluster.move_leader((victim + 1) % 3)
@@ -179,12 +91,8 @@ def test_hung_member_sigstop_then_sigcont(cluster):
 
 def test_every_endpoint_down_3s_then_back(cluster):
     outage = 3.0
-    with start_gateway(cluster.endpoints) as gateway:
-        watch = ProcessWatch(gateway.pid)
-        driver = LoadDriver(gateway.addr, f"/faults/all-down/{uuid.uuid4().hex[:8]}",
-                            clients=CLIENTS, duration=LOAD_SECONDS + 60)
-        driver.start()
-        warm_up(driver)
+    with gateway_for(cluster.endpoints) as gateway:
+        watch, driver = start_load(gateway, "all-down", LOAD_SECONDS + 60)
         sleep_until(driver.started + FAULT_AT)
         fault_at = time.monotonic()
         for index in range(3):

@@ -15,18 +15,15 @@ import random
 import socket
 import threading
 import time
-import uuid
 
 import pytest
 
-from etcd_cluster import EtcdCluster
-from faults.conftest import ProcessWatch, record_result, scaled
-from faults.loadgen import LoadDriver
+from faults.conftest import record_result, scaled
 from faults.netns import NetNS, available
 from faults.relay import RelayProcess
-from faults.test_members import (CLIENTS, DIAL_TIMEOUT, FAULT_AT, HEALTH_INTERVAL, finish,
-                                 member_in_use, sleep_until, warm_up)
-from support import Gateway, free_port
+from faults.scenario import (CLIENTS, DIAL_TIMEOUT, FAULT_AT, HEALTH_INTERVAL,  # noqa: F401
+                             cluster, finish, gateway_for, healed, member_in_use, sleep_until,
+                             start_load)
 from upstreams import EchoServer
 
 pytestmark = pytest.mark.faults
@@ -34,28 +31,6 @@ pytestmark = pytest.mark.faults
 BAD_PATH = {"delay": 0.075, "jitter": 0.05, "loss": 0.10, "loss_stall": 0.2}
 ECHO_STREAMS = scaled(8, 40)
 ECHO_BYTES = scaled(256 * 1024, 1 << 20)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with EtcdCluster(tmp_path_factory.mktemp("faults-net-etcd")) as running:
-        yield running
-
-
-@pytest.fixture(autouse=True)
-def healed(cluster):
-    cluster.heal()
-    yield cluster
-    cluster.heal()
-
-
-def gateway_for(endpoints, listen_host="127.0.0.1", preexec=None, extra=()):
-    addr = f"{listen_host}:{free_port() if listen_host == '127.0.0.1' else random.randint(20000, 60000)}"
-    gateway = Gateway(["start", "--endpoints", ",".join(endpoints), "--listen-addr", addr,
-                       "--dial-timeout", f"{int(DIAL_TIMEOUT * 1000)}ms", "--retry-delay", "1s",
-                       *extra], preexec=preexec)
-    gateway.addr = addr
-    return gateway
 
 
 def echo_stream(addr, size, seed):
@@ -92,11 +67,8 @@ def test_bad_path_delay_and_loss(cluster):
         relays = [stack.enter_context(RelayProcess(m.client_addr, seed=i, **BAD_PATH))
                   for i, m in enumerate(cluster.members)]
         gateway = stack.enter_context(gateway_for([r.endpoint for r in relays]))
-        watch = ProcessWatch(gateway.pid)
-        driver = LoadDriver(gateway.addr, f"/faults/badpath/{uuid.uuid4().hex[:8]}",
-                            clients=CLIENTS, duration=load_seconds, op_timeout=5.0)
-        driver.start()
-        warm_up(driver, timeout=30)
+        watch, driver = start_load(gateway, "badpath", load_seconds, warm_up_timeout=30,
+                                   op_timeout=5.0)
         sleep_until(driver.started + load_seconds)
         driver.stop()
         checked, checked_bytes, lost = driver.verify_acknowledged(gateway.addr)
@@ -134,11 +106,8 @@ def test_member_in_use_cut_off_in_netns(cluster, rule):
         gateway = stack.enter_context(gateway_for(
             [r.endpoint for r in relays], listen_host=ns.ns_ip, preexec=ns.exec_prefix(),
             extra=("--health-check", "etcd", "--health-interval", f"{int(HEALTH_INTERVAL)}s")))
-        watch = ProcessWatch(gateway.pid)
-        driver = LoadDriver(gateway.addr, f"/faults/netns-{rule}/{uuid.uuid4().hex[:8]}",
-                            clients=CLIENTS, duration=scaled(8.0, 60.0) + hold + 30, op_timeout=3.0)
-        driver.start()
-        warm_up(driver)
+        watch, driver = start_load(gateway, f"netns-{rule}", scaled(8.0, 60.0) + hold + 30,
+                                   op_timeout=3.0)
         sleep_until(driver.started + FAULT_AT)
         victim = member_in_use(cluster, driver, driver.started)
         cluster.move_leader((victim + 1) % 3)
