@@ -345,21 +345,27 @@ def _raise_open_file_limit(needed):
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
+def _connect_nonblocking(selector, address, count, socks):
+    """Start `count` non-blocking connects to `address`, each registered for EVENT_WRITE with its
+    index as data; every socket goes into `socks` at once, so the caller closes even a partial
+    set."""
+    for index in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        socks.append(sock)
+        sock.setblocking(False)
+        sock.connect_ex(address)
+        selector.register(sock, selectors.EVENT_WRITE, index)
+
+
 def test_2000_concurrent_connections_each_echo(gateways, echo):
     clients = 2000
     _raise_open_file_limit(2 * clients + 256)
     gateway = gateways([echo.endpoint])
     deadline = time.monotonic() + 60.0
-    socks, received, done = [], {}, 0
+    socks, received, done = [], dict.fromkeys(range(clients), b""), 0
     with selectors.DefaultSelector() as selector:
         try:
-            for index in range(clients):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(sock)
-                sock.setblocking(False)
-                sock.connect_ex(gateway.address)
-                selector.register(sock, selectors.EVENT_WRITE, index)
-                received[index] = b""
+            _connect_nonblocking(selector, gateway.address, clients, socks)
             while done < clients and time.monotonic() < deadline:
                 for key, events in selector.select(1.0):
                     sock, index = key.fileobj, key.data
@@ -447,12 +453,7 @@ def test_out_of_file_descriptors_no_spin_and_service_resumes(gateways, echo):
     socks = []
     with selectors.DefaultSelector() as selector:
         try:
-            for index in range(clients):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(sock)
-                sock.setblocking(False)
-                sock.connect_ex(gateway.address)
-                selector.register(sock, selectors.EVENT_WRITE)
+            _connect_nonblocking(selector, gateway.address, clients, socks)
             # Let the gateway take what its 64 descriptors allow; the rest should stay parked.
             echoed, turned_away = _pump_parked_clients(selector, time.monotonic() + 10.0, 10)
             assert echoed >= 10, f"only {echoed} clients served while out of descriptors"
