@@ -56,6 +56,7 @@ SPLICE_PIPE_BYTES = 256 * 1024
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE_DELAY = 0.25  # after EMFILE/ENFILE: the pending connections wait in the backlog
 TLS_VALIDATION_MIN_TIMEOUT = 3.0  # a handshake costs a few round trips and some CPU on both ends
+MIN_INTERVAL_SECONDS = 0.01  # the shortest --dial-timeout / --health-interval / probe pace
 LOCAL_RETRY_TIMEOUT = 30.0  # how long an accepted client may wait for a descriptor to dial with
 KEEPALIVE_SECONDS = 15  # the Go gateway's net.Dialer/ListenConfig default
 LISTEN_BACKLOG = 4096
@@ -196,6 +197,15 @@ def _duration_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc))
 
 
+def _positive_duration_arg(text: str) -> float:
+    """A duration that paces a loop or bounds a wait: 0 would mean a busy loop or instant failure."""
+    seconds = _duration_arg(text)
+    if seconds < MIN_INTERVAL_SECONDS:
+        raise argparse.ArgumentTypeError("%r is too short (at least %s)"
+                                         % (text, format_duration(MIN_INTERVAL_SECONDS)))
+    return seconds
+
+
 def _endpoints_arg(text: str) -> List[ep.Endpoint]:
     try:
         return ep.parse_endpoints(text)
@@ -252,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--trusted-ca-file", default="", metavar="PATH",
                     help="CA file for verifying the discovered TLS endpoints")
     ext = start.add_argument_group("extensions (not in the Go gateway)")
-    ext.add_argument("--dial-timeout", type=_duration_arg, default=1.0, metavar="DURATION",
+    ext.add_argument("--dial-timeout", type=_positive_duration_arg, default=1.0, metavar="DURATION",
                      help="upstream connect timeout (default 1s)")
     ext.add_argument("--policy", choices=ep.POLICIES, default="sticky",
                      help="sticky: one endpoint until it fails; round-robin: the next one for "
@@ -269,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--health-check", choices=("tcp", "etcd"), default="tcp",
                      help="tcp: probe failed endpoints with a connect; etcd: also ask every "
                           "endpoint's GET /health every --health-interval (default tcp)")
-    ext.add_argument("--health-interval", type=_duration_arg, default=5.0, metavar="DURATION",
+    ext.add_argument("--health-interval", type=_positive_duration_arg, default=5.0, metavar="DURATION",
                      help="interval of etcd health checks (default 5s)")
     ext.add_argument("--log-level", choices=tuple(LEVELS), default="info")
     ext.add_argument("--log-format", choices=("text", "json"), default="text")
@@ -1707,8 +1717,9 @@ class Gateway:
             if self.probe_timer.when <= deadline:
                 return
             self.reactor.cancel(self.probe_timer)
-        self.probe_timer = self.reactor.call_later(max(0.0, deadline - self.reactor.clock()),
-                                                   self._run_probes)
+        # --retry-delay=0 (as Go allows) must not turn probing into a busy loop.
+        delay = max(MIN_INTERVAL_SECONDS * 10, deadline - self.reactor.clock())
+        self.probe_timer = self.reactor.call_later(delay, self._run_probes)
 
     def _run_probes(self) -> None:
         self.probe_timer = None

@@ -325,6 +325,22 @@ def test_failed_endpoint_returns_after_retry_delay(gateways):
         assert returning.served >= 1, "round-robin never used the endpoint that came back"
 
 
+def test_zero_retry_delay_probes_without_spinning(gateways):
+    """--retry-delay=0 is valid (Go allows it); probing a dead endpoint must still be paced."""
+    with RefusingPort() as dead, EchoServer() as steady:
+        gateway = gateways([dead.endpoint, steady.endpoint], "--retry-delay=0",
+                           "--policy=round-robin")
+        for attempt in range(2):
+            assert ping(gateway.address, b"z%d" % attempt) == b"z%d" % attempt
+        assert gateway.log.wait_for(endpoint_event("endpoint down", dead.endpoint), 5)
+        cpu_before, wall_before = cpu_seconds(gateway.pid), time.monotonic()
+        time.sleep(2.0)  # the point of the test: what the gateway does while nothing happens
+        cpu_used = cpu_seconds(gateway.pid) - cpu_before
+        wall = time.monotonic() - wall_before
+        assert cpu_used < 0.5 * wall, f"{cpu_used:.2f}s CPU in {wall:.2f}s while only probing"
+        assert ping(gateway.address, b"still") == b"still"
+
+
 @pytest.mark.skipif(not ipv6_loopback_available(), reason="no ::1 on this machine")
 def test_ipv6_listen_and_endpoint(gateways):
     with EchoServer(host="::1") as upstream:

@@ -58,6 +58,7 @@ def test_flag_forms_and_repeated_endpoints():
     ["start", "--bogus"], ["start", "--retry-delay=5x"], ["start", "--endpoints=127.0.0.1"],
     ["start", "--listen-addr=nope"], ["start", "--policy=random"], [], ["stop"],
     ["start", "--endp=127.0.0.1:1"],  # no abbreviations, like pflag
+    ["start", "--dial-timeout=0"], ["start", "--health-interval=0s"],  # would be busy loops
 ])
 def test_usage_errors_exit_2(argv, capsys):
     assert gateway.main(argv) == 2
