@@ -190,6 +190,7 @@ class Pool:
         self._order: List[Endpoint] = []
         self._current: Optional[Endpoint] = None
         self._rotation = 0
+        self._sticky_plan: Optional[List[Endpoint]] = None  # valid until anything changes
         self.replace(endpoints)
 
     # -- the set ---------------------------------------------------------------------------------
@@ -217,6 +218,7 @@ class Pool:
             health[endpoint.key] = entry
         self._health = health
         self._order = list(endpoints)
+        self._sticky_plan = None
         if self._current is not None:
             entry = health.get(self._current.key)
             self._current = entry.endpoint if entry is not None else None
@@ -235,6 +237,8 @@ class Pool:
         first, then the endpoints marked down: each is still tried once, so a client is never
         refused for a whole retry delay just because every endpoint was marked down.
         """
+        if self._sticky_plan is not None:
+            return list(self._sticky_plan)  # every new connection asks: keep it cheap
         health = self._health
         up = [endpoint for endpoint in self._order if health[endpoint.key].up]
         down = [endpoint for endpoint in self._order if not health[endpoint.key].up]
@@ -242,7 +246,10 @@ class Pool:
         first = self._choose([endpoint for endpoint in up if health[endpoint.key].healthy] or up)
         rest = sorted((endpoint for endpoint in up if endpoint is not first),
                       key=lambda endpoint: (not health[endpoint.key].healthy, endpoint.priority))
-        return ([first] if first is not None else []) + rest + down
+        plan = ([first] if first is not None else []) + rest + down
+        if self.policy == "sticky":
+            self._sticky_plan = plan
+        return list(plan)
 
     def _choose(self, up: List[Endpoint]) -> Optional[Endpoint]:
         best_class = lowest_priority_class(up)
@@ -264,6 +271,7 @@ class Pool:
             return False
         was_up = entry.up
         entry.down_until = now + self.retry_delay
+        self._sticky_plan = None
         entry.last_error = reason
         entry.dial_failures += 1
         if self._current is not None and self._current.key == endpoint.key:
@@ -276,6 +284,7 @@ class Pool:
         if entry is None or entry.up:
             return False
         entry.down_until = None
+        self._sticky_plan = None
         return True
 
     def record_check(self, endpoint: Endpoint, ok: bool, reason: str = "") -> Optional[str]:
@@ -290,6 +299,7 @@ class Pool:
             entry.check_successes += 1
             if not entry.healthy and entry.check_successes >= self.successes_to_return:
                 entry.healthy = True
+                self._sticky_plan = None
                 return "healthy"
             return None
         entry.check_successes = 0
@@ -297,6 +307,7 @@ class Pool:
         entry.last_error = reason
         if entry.healthy and entry.check_failures >= self.failures_to_leave:
             entry.healthy = False
+            self._sticky_plan = None
             if self._current is not None and self._current.key == endpoint.key:
                 self._current = None
             return "unhealthy"
@@ -310,6 +321,7 @@ class Pool:
             if entry.down_until is not None and entry.down_until <= now:
                 entry.down_until = now + self.retry_delay
                 due.append(entry.endpoint)
+                self._sticky_plan = None
         return due
 
     def next_probe_deadline(self) -> Optional[float]:

@@ -538,7 +538,8 @@ class Dial:
         family, address = sockaddr_for(endpoint.dial_host, endpoint.port)
         try:
             self.sock = socket.socket(family, STREAM_NONBLOCK)
-            self.sock.setblocking(False)  # also tells the socket object; no syscall with SOCK_NONBLOCK
+            if STREAM_NONBLOCK == socket.SOCK_STREAM:
+                self.sock.setblocking(False)  # no SOCK_NONBLOCK here: one more system call
             code = self.sock.connect_ex(address)
         except OSError as exc:
             self.local_failure = exc.errno in LOCAL_ERRNOS

@@ -261,3 +261,12 @@ def test_unhealthy_endpoints_follow_healthy_ones_in_the_plan():
     for _ in range(3):
         pool.record_check(endpoints[2], False, "x")
     assert pool.plan()[-1] == endpoints[2]
+
+
+def test_sticky_plan_is_cached_but_each_caller_gets_its_own_list():
+    endpoints, pool = _pool("sticky")
+    first = pool.plan()
+    first.pop(0)  # a relay consumes its plan
+    assert len(pool.plan()) == 3
+    pool.mark_failed(pool.plan()[0], now=0.0, reason="refused")
+    assert pool.health(pool.plan()[0]).up  # the cache was dropped with the change
