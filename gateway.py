@@ -62,6 +62,7 @@ HIGH_WATER_BYTES = 256 * 1024
 LOW_WATER_BYTES = 64 * 1024
 RECV_CHUNK_BYTES = 256 * 1024
 SPLICE_PIPE_BYTES = 256 * 1024
+PIPE_TRIM_DELAY = 1.0  # idle this long (no connection at all): close the spare pipes
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE_DELAY = 0.25  # after EMFILE/ENFILE: the pending connections wait in the backlog
 TLS_VALIDATION_MIN_TIMEOUT = 3.0  # a handshake costs a few round trips and some CPU on both ends
@@ -1629,6 +1630,7 @@ class Gateway:
         self.recv_buffer = bytearray(RECV_CHUNK_BYTES)
         self.recv_view = memoryview(self.recv_buffer)
         self.pipes = PipePool() if splice_enabled() else None
+        self.pipe_trim_timer = None
         self.listener = None
         self.status = None
         self.relays = set()
@@ -1712,10 +1714,18 @@ class Gateway:
             self.log.debug("connection closed", endpoint=str(relay.endpoint), bytes_in=relay.up.total,
                            bytes_out=relay.down.total, reset=reset,
                            duration=format_duration(self.reactor.clock() - relay.started))
-        if not self.relays and self.pipes is not None:
-            self.pipes.close()  # idle: give the spare pipes' descriptors back
+        if not self.relays and self.pipes is not None and self.pipe_trim_timer is None:
+            # Idle: give the spare pipes' descriptors back, but not at once: a client that
+            # connects again right away (strace: pipe2, fcntl and 2 closes per connection
+            # otherwise) should find them.
+            self.pipe_trim_timer = self.reactor.call_later(PIPE_TRIM_DELAY, self._trim_pipes)
         if self.shutting_down and not self.relays:
             self.reactor.stop()
+
+    def _trim_pipes(self) -> None:
+        self.pipe_trim_timer = None
+        if not self.relays:
+            self.pipes.close()
 
     # -- probes of failed endpoints ----------------------------------------------------------------
 
