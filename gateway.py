@@ -649,11 +649,10 @@ class Flow:
     """One direction of a relay: bytes read from `src` and queued for `dst`, either in `queue`
     (recv/send) or in a pipe (`piped` bytes, splice)."""
 
-    __slots__ = ("name", "src", "dst", "src_fd", "dst_fd", "queue", "pipe", "piped", "state",
-                 "total", "paused")
+    __slots__ = ("src", "dst", "src_fd", "dst_fd", "queue", "pipe", "piped", "state", "total",
+                 "paused")
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self):
         self.src = self.dst = None
         self.src_fd = self.dst_fd = -1
         self.queue = bytearray()
@@ -700,8 +699,8 @@ class Relay:
         self.dial = None
         self.retry_timer = None
         self.started = self.reactor.clock()
-        self.up = Flow("client_to_upstream")
-        self.down = Flow("upstream_to_client")
+        self.up = Flow()  # client to upstream
+        self.down = Flow()  # upstream to client
         self.client_mask = 0
         self.upstream_mask = 0
 
@@ -1603,7 +1602,7 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if exc.errno in LOCAL_ERRNOS:
                     self.gateway.accept_exhausted(exc)
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
@@ -1710,7 +1709,7 @@ class Gateway:
         self.stats["upstream_to_client"] += relay.down.total
         if was_relaying:
             self.pool.connection_closed(relay.endpoint)
-        if self.log.threshold <= LEVELS["debug"]:
+        if self.log.enabled("debug"):
             self.log.debug("connection closed", endpoint=str(relay.endpoint), bytes_in=relay.up.total,
                            bytes_out=relay.down.total, reset=reset,
                            duration=format_duration(self.reactor.clock() - relay.started))
