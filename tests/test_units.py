@@ -149,3 +149,75 @@ def test_a_failing_timer_is_logged_and_the_loop_goes_on():
     reactor._run_due_timers()
     assert fired == [1] and "ZeroDivisionError" in stream.getvalue()
     reactor.close()
+
+
+# -- busy polling --------------------------------------------------------------------------------
+
+class ScriptedSelect:
+    """A select function that answers from a script and lets `clock` advance per call: each
+    entry is (seconds the call takes, events it returns)."""
+
+    def __init__(self, clock, script):
+        self.clock, self.script, self.timeouts = clock, list(script), []
+
+    def __call__(self, timeout):
+        self.timeouts.append(timeout)
+        took, events = self.script.pop(0) if self.script else (0.0, [])
+        self.clock.advance(took)
+        return events
+
+
+@given(st.floats(0, 1.0), st.floats(1e-6, 1e-3))
+def test_spin_window_fits_the_limit_and_covers_short_waits(waited, limit):
+    window = gateway.spin_window_after(waited, limit)
+    assert 0.0 <= window <= limit
+    if waited <= limit:
+        assert window >= waited  # the next wait that long is caught by the spin
+    else:
+        assert window == 0.0  # sparse traffic: no spinning at all
+
+
+def test_without_busy_poll_one_sleeping_select():
+    clock = FakeClock()
+    reactor = gateway.Reactor(clock=clock)
+    select = ScriptedSelect(clock, [(0.5, ["event"])])
+    assert reactor._wait(select, 3.0) == ["event"]
+    assert select.timeouts == [3.0]
+    reactor.close()
+
+
+def test_busy_poll_learns_a_short_gap_then_catches_the_next_one_spinning():
+    clock = FakeClock()
+    reactor = gateway.Reactor(clock=clock, busy_poll=100e-6)
+    first = ScriptedSelect(clock, [(40e-6, ["reply"])])
+    assert reactor._wait(first, None) == ["reply"]
+    assert first.timeouts == [None]  # nothing learnt yet: sleep at once
+    spun = ScriptedSelect(clock, [(10e-6, [])] * 3 + [(10e-6, ["reply"])])
+    assert reactor._wait(spun, None) == ["reply"]
+    assert spun.timeouts == [0, 0, 0, 0]  # caught without sleeping
+    reactor.close()
+
+
+def test_busy_poll_gives_up_after_its_window_and_stops_after_a_long_wait():
+    clock = FakeClock()
+    reactor = gateway.Reactor(clock=clock, busy_poll=100e-6)
+    reactor._wait(ScriptedSelect(clock, [(80e-6, ["event"])]), None)
+    missed = ScriptedSelect(clock, [(30e-6, [])] * 4 + [(0.5, ["late"])])
+    assert reactor._wait(missed, 2.0) == ["late"]
+    spins = missed.timeouts[:-1]
+    assert spins and all(t == 0 for t in spins) and len(spins) <= 4
+    assert 1.99 < missed.timeouts[-1] < 2.0  # the sleep keeps the timer's deadline
+    after = ScriptedSelect(clock, [(1e-3, ["event"])])
+    reactor._wait(after, None)
+    assert after.timeouts == [None]  # the long wait switched spinning off
+    reactor.close()
+
+
+def test_busy_poll_never_spins_past_a_due_timer():
+    clock = FakeClock()
+    reactor = gateway.Reactor(clock=clock, busy_poll=1e-3)
+    reactor._wait(ScriptedSelect(clock, [(900e-6, ["event"])]), None)
+    select = ScriptedSelect(clock, [(10e-6, [])] * 100)
+    reactor._wait(select, 50e-6)
+    assert select.timeouts.count(0) <= 6 and select.timeouts[-1] == 0.0
+    reactor.close()
