@@ -336,10 +336,18 @@ class Pool:
         """At least one endpoint is reachable and (when checked) healthy."""
         return any(entry.up and entry.healthy for entry in self._health.values())
 
-    def connection_opened(self, endpoint: Endpoint) -> None:
+    def connection_opened(self, endpoint: Endpoint) -> bool:
+        """Count a relayed connection; a dial that succeeded also marks the endpoint up.
+        Returns True when the endpoint has just come back (as `mark_up` does)."""
         entry = self._health.get(endpoint.key)
-        if entry is not None:
-            entry.active += 1
+        if entry is None:
+            return False
+        entry.active += 1
+        if entry.down_until is None:
+            return False
+        entry.down_until = None
+        self._sticky_plan = None
+        return True
 
     def connection_closed(self, endpoint: Endpoint) -> None:
         entry = self._health.get(endpoint.key)

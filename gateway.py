@@ -512,13 +512,17 @@ class _SignalWake:
 
 # ==================================================================================== sockets ==
 
+# TCP_NODELAY (etcd's gRPC frames are small) and 15 s keep-alive on every relayed stream.
+STREAM_OPTIONS = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
+if hasattr(socket, "TCP_KEEPIDLE"):
+    STREAM_OPTIONS += ((socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_SECONDS),
+                       (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_SECONDS))
+
+
 def tune_stream(sock: socket.socket) -> None:
-    """TCP_NODELAY (etcd's gRPC frames are small) and 15 s keep-alive on every relayed stream."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    if hasattr(socket, "TCP_KEEPIDLE"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_SECONDS)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_SECONDS)
+    setsockopt = sock.setsockopt
+    for level, option, value in STREAM_OPTIONS:
+        setsockopt(level, option, value)
 
 
 STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
@@ -803,7 +807,10 @@ class Relay:
         self.down.connect(sock, self.client_sock)
         self.state = self.RELAYING
         self.gateway.relay_connected(self)
-        self._update_interest()
+        # Nothing is queued yet: both sides are only read (what _update_interest would derive).
+        self.client_mask = self.upstream_mask = EVENT_READ
+        self.reactor.register(self.client_sock, EVENT_READ, self)
+        self.reactor.register(sock, EVENT_READ, self)
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -1724,9 +1731,8 @@ class Gateway:
         self._schedule_probe()
 
     def relay_connected(self, relay: Relay) -> None:
-        if self.pool.mark_up(relay.endpoint):
+        if self.pool.connection_opened(relay.endpoint):
             self.log.info("endpoint up", endpoint=str(relay.endpoint), reason="dial succeeded")
-        self.pool.connection_opened(relay.endpoint)
 
     def no_descriptors(self, relay: Relay, reason: str, giving_up: bool) -> None:
         if giving_up:

@@ -200,6 +200,17 @@ def test_connection_counts():
     pool.connection_closed(endpoints[0])
     assert pool.health(endpoints[0]).active == 1
     pool.connection_closed(ep.Endpoint("gone", 1))  # removed endpoints are ignored
+    assert pool.connection_opened(ep.Endpoint("gone", 1)) is False
+
+
+def test_a_connection_to_a_failed_endpoint_brings_it_back_once():
+    endpoints, pool = _pool("sticky")
+    pool.mark_failed(endpoints[1], 0.0, "refused")
+    assert not pool.health(endpoints[1]).up
+    assert pool.connection_opened(endpoints[1]) is True  # its dial has just succeeded
+    assert pool.connection_opened(endpoints[1]) is False
+    assert pool.health(endpoints[1]).up and pool.health(endpoints[1]).active == 2
+    assert all(pool.health(endpoint).up for endpoint in pool.plan())
 
 
 def test_unknown_policy_is_refused():
@@ -208,7 +219,8 @@ def test_unknown_policy_is_refused():
 
 
 @settings(max_examples=200)
-@given(st.lists(st.tuples(st.sampled_from(["fail", "up", "plan"]), st.integers(0, 3)), max_size=40),
+@given(st.lists(st.tuples(st.sampled_from(["fail", "up", "open", "plan"]), st.integers(0, 3)),
+                max_size=40),
        st.sampled_from(ep.POLICIES))
 def test_plan_always_covers_every_endpoint_exactly_once(actions, policy):
     endpoints, pool = _pool(policy, n=4)
@@ -219,6 +231,10 @@ def test_plan_always_covers_every_endpoint_exactly_once(actions, policy):
             pool.mark_failed(endpoints[index], now, "refused")
         elif action == "up":
             pool.mark_up(endpoints[index])
+        elif action == "open":
+            was_down = not pool.health(endpoints[index]).up
+            assert pool.connection_opened(endpoints[index]) is was_down
+            assert pool.health(endpoints[index]).up
         plan = pool.plan()
         assert sorted(plan, key=str) == sorted(endpoints, key=str)
         if pool.any_up():
