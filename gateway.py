@@ -1180,30 +1180,84 @@ def http_response(code: int, content_type: str, body: bytes) -> bytes:
     return head.encode() + b"\r\n" + body
 
 
-class StatusListener:
-    """The --metrics-addr port, served by the same reactor (http.server blocks, and
-    python3-minimal does not ship it)."""
+class BatchAcceptor:
+    """A listening socket accepted from in bounded batches; subclasses say what to do with each
+    client (`accepted`) and may log exhaustion (`exhausted`). Out of descriptors or buffers, it
+    stops watching the socket for a moment and the pending clients wait in the backlog: staying
+    registered would spin on a level-triggered readable listener."""
 
-    def __init__(self, gateway, sock: socket.socket):
-        self.gateway = gateway
+    def __init__(self, reactor: Reactor, sock: socket.socket):
+        self.reactor = reactor
         self.sock = sock
-        self.connections = set()
+        self.paused = False
+        self.closed = False
 
     def __repr__(self):
-        return "<StatusListener %s>" % (self.sock.getsockname(),)
+        return "<%s %s>" % (type(self).__name__, self.sock.getsockname())
+
+    def start(self) -> None:
+        self.reactor.register(self.sock, EVENT_READ, self)
 
     def handle_io(self, sock, mask) -> None:
+        if self.closed:
+            return  # stopped earlier in this same batch of events
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = sock.accept()
+                client_sock, peer = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno in LOCAL_ERRNOS:
-                    return  # the main listener's pause logs it; scrapes retry
-                continue
-            conn.setblocking(False)
-            self.connections.add(StatusConnection(self, conn))
+                    self.pause()
+                    self.exhausted(exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # the client gave up in the backlog
+                raise
+            self.accepted(client_sock, peer)
+
+    def accepted(self, client_sock: socket.socket, peer) -> None:
+        raise NotImplementedError
+
+    def exhausted(self, exc: OSError) -> None:
+        """Accepting has just been paused because of `exc`."""
+
+    def pause(self) -> None:
+        if not self.paused and not self.closed:
+            self.paused = True
+            self.reactor.unregister(self.sock)
+            self.reactor.call_later(ACCEPT_PAUSE_DELAY, self._resume)
+
+    def _resume(self) -> None:
+        if self.paused and not self.closed:
+            self.paused = False
+            self.reactor.register(self.sock, EVENT_READ, self)
+
+    def stop(self) -> None:
+        """Stop accepting and close the socket; pending clients are refused by the kernel."""
+        if not self.closed:
+            self.closed = True
+            if not self.paused:
+                self.reactor.unregister(self.sock)
+            self.sock.close()
+
+
+class StatusListener(BatchAcceptor):
+    """The --metrics-addr port, served by the same reactor (http.server blocks, and
+    python3-minimal does not ship it)."""
+
+    def __init__(self, gateway, sock: socket.socket):
+        super().__init__(gateway.reactor, sock)
+        self.gateway = gateway
+        self.connections = set()
+
+    def accepted(self, client_sock: socket.socket, peer) -> None:
+        client_sock.setblocking(False)
+        self.connections.add(StatusConnection(self, client_sock))
+
+    def exhausted(self, exc: OSError) -> None:
+        self.gateway.log.limited("warn", "status-accept-exhausted", 5.0, "status accept paused",
+                                 reason=error_reason(exc))
 
     def handle_failure(self, exc) -> None:
         self.gateway.log.limited("error", "status-accept", 5.0, "status accept failed", error=repr(exc))
@@ -1211,8 +1265,7 @@ class StatusListener:
     def close(self) -> None:
         for connection in list(self.connections):
             connection.close()
-        self.gateway.reactor.unregister(self.sock)
-        self.sock.close()
+        self.stop()
 
 
 class StatusConnection:
@@ -1632,33 +1685,19 @@ class TlsValidation:
 
 # ===================================================================================== gateway ==
 
-class Listener:
-    """Accepts clients in bounded batches; pauses on EMFILE/ENFILE instead of spinning or exiting."""
+class Listener(BatchAcceptor):
+    """The proxy port: every client becomes a relay; out of descriptors, accepting pauses."""
 
     def __init__(self, gateway, sock: socket.socket):
+        super().__init__(gateway.reactor, sock)
         self.gateway = gateway
-        self.sock = sock
-        self.paused = False
 
-    def __repr__(self):
-        return "<Listener %s>" % (self.sock.getsockname(),)
+    def accepted(self, client_sock: socket.socket, peer) -> None:
+        self.gateway.accepted(client_sock, peer)
 
-    def handle_io(self, sock, mask) -> None:
-        if self.gateway.listener is not self:
-            return  # closed at shutdown earlier in this same batch of events
-        for _ in range(ACCEPT_BATCH):
-            try:
-                client_sock, peer = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in LOCAL_ERRNOS:
-                    self.gateway.accept_exhausted(exc)
-                    return
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue  # the client gave up in the backlog
-                raise
-            self.gateway.accepted(client_sock, peer)
+    def exhausted(self, exc: OSError) -> None:
+        self.gateway.log.limited("warn", "accept-exhausted", 5.0, "accept paused",
+                                 reason=error_reason(exc), active=len(self.gateway.relays))
 
     def handle_failure(self, exc) -> None:
         self.gateway.log.limited("error", "accept", 5.0, "accept failed", error=repr(exc))
@@ -1699,7 +1738,7 @@ class Gateway:
 
     def listen(self, sock: socket.socket) -> None:
         self.listener = Listener(self, sock)
-        self.reactor.register(sock, EVENT_READ, self.listener)
+        self.listener.start()
 
     def accepted(self, client_sock: socket.socket, peer) -> None:
         client_sock.setblocking(False)  # TCP_NODELAY and keep-alive come from the listener
@@ -1707,20 +1746,6 @@ class Gateway:
         relay = Relay(self, client_sock, peer)
         self.relays.add(relay)
         relay.start()
-
-    def accept_exhausted(self, exc: OSError) -> None:
-        """Out of descriptors: leave the pending clients in the backlog for a moment. Staying
-        registered would spin on a level-triggered readable listener."""
-        self.log.limited("warn", "accept-exhausted", 5.0, "accept paused", reason=error_reason(exc),
-                         active=len(self.relays))
-        self.reactor.unregister(self.listener.sock)
-        self.listener.paused = True
-        self.reactor.call_later(ACCEPT_PAUSE_DELAY, self._resume_accept)
-
-    def _resume_accept(self) -> None:
-        if self.listener is not None and self.listener.paused and not self.shutting_down:
-            self.listener.paused = False
-            self.reactor.register(self.listener.sock, EVENT_READ, self.listener)
 
     # -- relay events ------------------------------------------------------------------------------
 
@@ -1742,7 +1767,8 @@ class Gateway:
         self.log.limited("warn", "no-descriptors", 5.0, "cannot dial upstream, client waits",
                          reason=reason, active=len(self.relays))
         if self.listener is not None and not self.listener.paused:
-            self.accept_exhausted(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
+            self.listener.pause()
+            self.listener.exhausted(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
 
     def no_upstream(self, relay: Relay) -> None:
         self.log.limited("warn", "no-upstream", 5.0, "no endpoint reachable, closing client",
@@ -1862,7 +1888,7 @@ class Gateway:
 
     def serve_status(self, sock: socket.socket) -> None:
         self.status = StatusListener(self, sock)
-        self.reactor.register(sock, EVENT_READ, self.status)
+        self.status.start()
 
     def status_page(self, path: str) -> bytes:
         if path == "/metrics":
@@ -1992,9 +2018,7 @@ class Gateway:
                       shutdown_timeout=format_duration(self.shutdown_timeout))
         sd_notify("STOPPING=1")
         if self.listener is not None:
-            if not self.listener.paused:
-                self.reactor.unregister(self.listener.sock)
-            self.listener.sock.close()
+            self.listener.stop()
             self.listener = None
         if not self.relays:
             self.reactor.stop()
@@ -2021,7 +2045,7 @@ class Gateway:
         if self.pipes is not None:
             self.pipes.close()
         if self.listener is not None:
-            self.listener.sock.close()
+            self.listener.stop()
             self.listener = None
 
 

@@ -24,8 +24,8 @@ from typing import Dict, NamedTuple, Tuple
 
 import pytest
 
-from support import (Gateway, closed_by_peer, fd_count, free_port, ping, recv_exactly, rss_bytes,
-                     wait_until)
+from support import (Gateway, closed_by_peer, cpu_seconds, fd_count, free_port, ping, recv_exactly,
+                     rss_bytes, wait_until)
 from upstreams import EchoServer, RefusingPort, ScriptedServer
 
 IO_TIMEOUT = 10.0  # per blocking socket call: only "did not hang"
@@ -298,12 +298,13 @@ def health_of(gateway):
 class StatusGateway(Gateway):
     """A gateway with --metrics-addr; `.addr` is the proxy port, `.status_addr` the status port."""
 
-    def __init__(self, endpoints, *flags, wait_ready=True):
+    def __init__(self, endpoints, *flags, wait_ready=True, preexec=None):
         self.addr = ("127.0.0.1", free_port())
         self.status_addr = ("127.0.0.1", free_port())
         super().__init__(["start", "--listen-addr=%s:%d" % self.addr,
                           "--metrics-addr=%s:%d" % self.status_addr,
-                          "--endpoints=" + ",".join(endpoints), *flags], wait_ready=wait_ready)
+                          "--endpoints=" + ",".join(endpoints), *flags], wait_ready=wait_ready,
+                         preexec=preexec)
 
     def status_served(self):
         try:
@@ -591,6 +592,33 @@ def test_silent_and_idle_status_clients_are_dropped_after_5s_and_never_stall(ech
         assert round_trip(gateway.addr) and scrape(gateway)
         assert_fds_back(gateway, baseline)
 
+
+
+def test_scrape_while_out_of_descriptors_waits_without_spinning(echo):
+    """Out of descriptors, a pending scrape waits in the status port's backlog: the gateway
+    must not spin on that readable listener, and serves the scrape once descriptors free up."""
+    with StatusGateway([echo.endpoint], preexec=["prlimit", "--nofile=48:48", "--"]) as gateway:
+        clients = []
+        try:
+            for _ in range(40):  # two descriptors each: more than the gateway has left
+                sock = socket.create_connection(gateway.addr, timeout=IO_TIMEOUT)
+                sock.setblocking(False)
+                clients.append(sock)
+            assert wait_until(lambda: fd_count(gateway.pid) >= 46, timeout=10)
+            scraper = socket.create_connection(gateway.status_addr, timeout=IO_TIMEOUT)
+            scraper.sendall(b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
+            cpu_before, wall_before = cpu_seconds(gateway.pid), time.monotonic()
+            time.sleep(2.0)  # the point of the test: what the gateway does meanwhile
+            cpu_used = cpu_seconds(gateway.pid) - cpu_before
+            wall = time.monotonic() - wall_before
+            assert cpu_used < 0.5 * wall, f"{cpu_used:.2f}s CPU in {wall:.2f}s out of descriptors"
+        finally:
+            for sock in clients:
+                sock.close()
+        with scraper:
+            reply = parse_response(recv_all(scraper))
+        assert reply.status == 200, reply
+        assert gateway.proc.poll() is None
 
 def _random_bytes(rng, size):
     return bytes(rng.getrandbits(8) for _ in range(size))
