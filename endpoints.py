@@ -329,9 +329,6 @@ class Pool:
                      if entry.down_until is not None]
         return min(deadlines) if deadlines else None
 
-    def any_up(self) -> bool:
-        return any(entry.up for entry in self._health.values())
-
     def any_usable(self) -> bool:
         """At least one endpoint is reachable and (when checked) healthy."""
         return any(entry.up and entry.healthy for entry in self._health.values())
