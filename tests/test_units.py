@@ -59,10 +59,17 @@ def test_flag_forms_and_repeated_endpoints():
     ["start", "--listen-addr=nope"], ["start", "--policy=random"], [], ["stop"],
     ["start", "--endp=127.0.0.1:1"],  # no abbreviations, like pflag
     ["start", "--dial-timeout=0"], ["start", "--health-interval=0s"],  # would be busy loops
+    ["start", "--busy-poll=2ms"], ["start", "--busy-poll=-1us"],  # a spin that long is one too
 ])
 def test_usage_errors_exit_2(argv, capsys):
     assert gateway.main(argv) == 2
     assert "usage:" in capsys.readouterr().err
+
+
+def test_busy_poll_is_off_by_default_and_takes_go_durations():
+    assert gateway.parse_args(["start"]).busy_poll == 0.0
+    assert gateway.parse_args(["start", "--busy-poll=100us"]).busy_poll == pytest.approx(100e-6)
+    assert gateway.parse_args(["start", "--busy-poll", "1ms"]).busy_poll == pytest.approx(1e-3)
 
 
 def test_help_exits_0(capsys):
