@@ -1,6 +1,8 @@
 """Side-by-side benchmark: no proxy, the Go gateway, HAProxy (mode tcp) and ours (issue 4).
 
     python3 bench/run.py [--rounds 2] [--quick] [--proxies none,go,haproxy,ours,ours-busy]
+    python3 bench/run.py --rounds 3 2> bench/runs/DATE-COMMIT.log   # keep the per-round lines
+    python3 bench/pool.py bench/runs/*.log                          # paired ratios over runs
 
 Architecture.  The harness pins itself, and so every backend and load generator it starts
 (iperf3, wrk, nginx, etcd), to core 0; every proxy under test runs alone on core 1
