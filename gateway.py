@@ -5,7 +5,10 @@ Architecture (one thread, standard library only):
 * ``Reactor`` is the mechanism: a `selectors` loop, a timer heap with an injectable monotonic
   clock, and signal wake-up through `signal.set_wakeup_fd` on a socketpair. It knows nothing of
   etcd, DNS or endpoints; handlers are objects with ``handle_io(sock, mask)`` and
-  ``handle_failure(exc)``, so a bug in one connection closes that connection only.
+  ``handle_failure(exc)``, so a bug in one connection closes that connection only. With
+  --busy-poll it polls for a learnt, bounded moment before sleeping.
+* ``BatchAcceptor`` accepts in bounded batches and pauses when out of descriptors; ``Listener``
+  (the proxy port) and ``StatusListener`` build on it.
 * ``Dial`` is one non-blocking connect bounded by ``--dial-timeout``; ``Probe`` adds an optional
   TLS handshake and HTTP exchange (TCP probes, TLS validation, etcd /health checks).
 * ``Relay`` pairs a client with an upstream. It moves DIALING -> RELAYING -> CLOSED; each of its
@@ -16,7 +19,8 @@ Architecture (one thread, standard library only):
   is passed on as a reset.
 * ``DnsDriver`` runs dnssrv's sans-I/O lookups on non-blocking sockets; ``EndpointSource`` turns
   SRV discovery or --endpoints host names into endpoints, with ``TlsValidation`` for secure records.
-* ``StatusListener`` serves /metrics, /health and /endpoints from the same loop.
+* ``StatusListener`` and ``StatusConnection`` serve /metrics, /health and /endpoints from the
+  same loop.
 * ``Gateway`` is the policy glue: the listener, the endpoint ``Pool`` (endpoints.py), probes of
   failed endpoints, health checks, discovery refresh, metrics, signals and shutdown.
 * ``main()`` is the one entry point for `python -m gateway`, the console script and the .pyz.
