@@ -281,7 +281,10 @@ class Pool:
     def mark_up(self, endpoint: Endpoint) -> bool:
         """Record a successful dial or probe. Returns True when the endpoint has just come back."""
         entry = self._health.get(endpoint.key)
-        if entry is None or entry.up:
+        return entry is not None and self._bring_up(entry)
+
+    def _bring_up(self, entry: Health) -> bool:
+        if entry.up:
             return False
         entry.down_until = None
         self._sticky_plan = None
@@ -340,11 +343,7 @@ class Pool:
         if entry is None:
             return False
         entry.active += 1
-        if entry.down_until is None:
-            return False
-        entry.down_until = None
-        self._sticky_plan = None
-        return True
+        return self._bring_up(entry)
 
     def connection_closed(self, endpoint: Endpoint) -> None:
         entry = self._health.get(endpoint.key)

@@ -1212,8 +1212,7 @@ class BatchAcceptor:
                 return
             except OSError as exc:
                 if exc.errno in LOCAL_ERRNOS:
-                    self.pause()
-                    self.exhausted(exc)
+                    self.pause(exc)
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # the client gave up in the backlog
@@ -1226,11 +1225,13 @@ class BatchAcceptor:
     def exhausted(self, exc: OSError) -> None:
         """Accepting has just been paused because of `exc`."""
 
-    def pause(self) -> None:
+    def pause(self, exc: OSError) -> None:
+        """Out of descriptors or buffers (`exc`): stop accepting for a moment."""
         if not self.paused and not self.closed:
             self.paused = True
             self.reactor.unregister(self.sock)
             self.reactor.call_later(ACCEPT_PAUSE_DELAY, self._resume)
+            self.exhausted(exc)
 
     def _resume(self) -> None:
         if self.paused and not self.closed:
@@ -1770,9 +1771,8 @@ class Gateway:
             return
         self.log.limited("warn", "no-descriptors", 5.0, "cannot dial upstream, client waits",
                          reason=reason, active=len(self.relays))
-        if self.listener is not None and not self.listener.paused:
-            self.listener.pause()
-            self.listener.exhausted(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
+        if self.listener is not None:
+            self.listener.pause(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
 
     def no_upstream(self, relay: Relay) -> None:
         self.log.limited("warn", "no-upstream", 5.0, "no endpoint reachable, closing client",
