@@ -50,7 +50,7 @@ def main(paths: List[str]) -> int:
     if not paths:
         sys.exit(__doc__)
     rounds = read_rounds(paths)
-    proxies = [p for p in ("ours", "ours-busy")
+    proxies = [p for p in ("ours", "ours-nospin")
                if any(p in by_proxy for r in rounds.values() for by_proxy in r.values())]
     print("| workload | rounds | " + " | ".join(f"{p} ×go | CPU ×go | p99 ×go" for p in proxies) + " |")
     print("|---|---:|" + "---:|" * 3 * len(proxies))

