@@ -20,11 +20,13 @@ from faults.conftest import scaled
 from faults.scenario import (CLIENTS, DIAL_TIMEOUT, FAULT_AT, HEALTH_INTERVAL,  # noqa: F401
                              LOAD_SECONDS, cluster, finish, gateway_for, healed, member_in_use,
                              sleep_until, start_load)
+from etcd_cluster import ELECTION_TIMEOUT_MS
 from support import wait_until
 
 pytestmark = pytest.mark.faults
 
 FAULT_HOLD = scaled(3.0, 20.0)        # how long a member stays dead / frozen
+ETCD_REQUEST_TIMEOUT = 5.0 + 2 * ELECTION_TIMEOUT_MS / 1000  # etcd's ServerConfig.ReqTimeout
 
 
 @pytest.mark.parametrize("keepalive", [False, True], ids=["new-conn", "keepalive"])
@@ -47,7 +49,11 @@ def test_kill_member_in_use_then_restart(cluster, keepalive):
 
 def test_kill_leader(cluster):
     with gateway_for(cluster.endpoints) as gateway:
-        watch, driver = start_load(gateway, "kill-leader", LOAD_SECONDS + 30)
+        # A put forwarded to the dead leader waits for etcd's own request timeout (5 s + 2
+        # election timeouts) before etcd answers it; a client that gave up sooner would count
+        # etcd's wait as a failed path (a CI run saw one retry time out at 3 s this way).
+        watch, driver = start_load(gateway, "kill-leader", LOAD_SECONDS + 30,
+                                   op_timeout=ETCD_REQUEST_TIMEOUT + 2.0)
         sleep_until(driver.started + FAULT_AT)
         in_use = member_in_use(cluster, driver, driver.started)
         # The leader is not the member in use: the clients see the election through a follower.
