@@ -21,8 +21,9 @@ per unit of work is the fair comparison, not the raw throughput.
 `ours-busy` is ours with `--busy-poll` (50us unless --busy-poll says otherwise; off by default
 in the gateway): on this VM waking a halted vCPU costs more than a short spin, which shows most
 at one connection; `http-paced` (one connection, 1 ms think time) shows what the spin costs.
-The idle-scale group skips it (spinning does nothing for idle connections).  Each load also records the host's steal time
-(/proc/stat) while it ran: a high figure marks a round the host disturbed.
+The idle-scale group skips it (spinning does nothing for idle connections).  Each load also
+records the host's steal time (/proc/stat) while it ran: a high figure marks a round the host
+disturbed.
 
 Everything listens on 127.0.0.1 on free ports, keeps its files in one temporary directory,
 every load is bounded in time, and only the processes started here are stopped, by PID.

@@ -64,7 +64,8 @@ def test_kill_leader(cluster):
         sleep_until(fault_at + FAULT_HOLD)
         cluster.restart(leader)
         finish("kill -9 leader (not the member in use)", cluster, gateway, driver, watch, fault_at,
-               f"{CLIENTS} clients, conn per op", recover_bound=2 * DIAL_TIMEOUT)
+               f"{CLIENTS} clients, conn per op, op timeout {driver.op_timeout:g}s",
+               recover_bound=2 * DIAL_TIMEOUT)
 
 
 def test_hung_member_sigstop_then_sigcont(cluster):
