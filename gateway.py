@@ -367,6 +367,7 @@ class Reactor:
         self._wake_r = self._wake_w = None
         self.busy_poll = busy_poll  # the longest spin before sleeping; 0 = always sleep at once
         self._spin_window = 0.0
+        self._lone_handler = None  # the handler of the last batch when it held one event alone
 
     # -- sockets -------------------------------------------------------------------------------
 
@@ -469,11 +470,21 @@ class Reactor:
             while not events and clock() - start < spin:
                 events = select(0)
             if events:
-                return events
+                return self._follow_conversation(events)
             if timeout is not None:
                 timeout = max(0.0, timeout - (clock() - start))
         events = select(timeout)
         self._spin_window = spin_window_after(clock() - start, self.busy_poll)
+        return self._follow_conversation(events)
+
+    def _follow_conversation(self, events):
+        """Keep spinning only while one handler's events come alone, batch after batch: one
+        conversation bouncing between client and backend. With several in flight, sleeping
+        gathers their events into one wake-up, and spinning would only split the batches."""
+        handler = events[0][0].data if len(events) == 1 else None
+        if handler is None or handler is not self._lone_handler:
+            self._spin_window = 0.0
+        self._lone_handler = handler
         return events
 
     def _handler_failed(self, handler, exc: Exception) -> None:

@@ -1,6 +1,7 @@
 """Unit tests of gateway.py's pure parts: Go durations, CLI parsing, log formatting, timers."""
 import io
 import json
+import selectors
 
 import pytest
 from hypothesis import given, strategies as st
@@ -169,7 +170,8 @@ class ScriptedSelect:
 
     def __call__(self, timeout):
         self.timeouts.append(timeout)
-        took, events = self.script.pop(0) if self.script else (0.0, [])
+        assert self.script, "select called more often than scripted"
+        took, events = self.script.pop(0)
         self.clock.advance(took)
         return events
 
@@ -184,11 +186,24 @@ def test_spin_window_fits_the_limit_and_covers_short_waits(waited, limit):
         assert window == 0.0  # sparse traffic: no spinning at all
 
 
+def lone(handler):
+    """A batch of one event for `handler`, shaped like selectors' (key, mask) pairs."""
+    return [(selectors.SelectorKey(None, 0, selectors.EVENT_READ, handler), selectors.EVENT_READ)]
+
+
+def busy_reactor(clock, limit, conversation="relay"):
+    """A reactor with busy polling that has learnt a short gap in one lone conversation."""
+    reactor = gateway.Reactor(clock=clock, busy_poll=limit)
+    for _ in range(2):
+        reactor._wait(ScriptedSelect(clock, [(limit * 0.8, lone(conversation))]), None)
+    return reactor
+
+
 def test_without_busy_poll_one_sleeping_select():
     clock = FakeClock()
     reactor = gateway.Reactor(clock=clock)
-    select = ScriptedSelect(clock, [(0.5, ["event"])])
-    assert reactor._wait(select, 3.0) == ["event"]
+    select = ScriptedSelect(clock, [(0.5, lone("relay"))])
+    assert reactor._wait(select, 3.0) == lone("relay")
     assert select.timeouts == [3.0]
     reactor.close()
 
@@ -196,34 +211,52 @@ def test_without_busy_poll_one_sleeping_select():
 def test_busy_poll_learns_a_short_gap_then_catches_the_next_one_spinning():
     clock = FakeClock()
     reactor = gateway.Reactor(clock=clock, busy_poll=100e-6)
-    first = ScriptedSelect(clock, [(40e-6, ["reply"])])
-    assert reactor._wait(first, None) == ["reply"]
-    assert first.timeouts == [None]  # nothing learnt yet: sleep at once
-    spun = ScriptedSelect(clock, [(10e-6, [])] * 3 + [(10e-6, ["reply"])])
-    assert reactor._wait(spun, None) == ["reply"]
+    for _ in range(2):  # the first lone batch starts a conversation, the second continues it
+        first = ScriptedSelect(clock, [(40e-6, lone("relay"))])
+        assert reactor._wait(first, None) == lone("relay")
+        assert first.timeouts == [None]  # nothing learnt yet: sleep at once
+    spun = ScriptedSelect(clock, [(10e-6, [])] * 3 + [(10e-6, lone("relay"))])
+    assert reactor._wait(spun, None) == lone("relay")
     assert spun.timeouts == [0, 0, 0, 0]  # caught without sleeping
     reactor.close()
 
 
 def test_busy_poll_gives_up_after_its_window_and_stops_after_a_long_wait():
     clock = FakeClock()
-    reactor = gateway.Reactor(clock=clock, busy_poll=100e-6)
-    reactor._wait(ScriptedSelect(clock, [(80e-6, ["event"])]), None)
-    missed = ScriptedSelect(clock, [(30e-6, [])] * 4 + [(0.5, ["late"])])
-    assert reactor._wait(missed, 2.0) == ["late"]
+    reactor = busy_reactor(clock, 100e-6)
+    missed = ScriptedSelect(clock, [(30e-6, [])] * 4 + [(0.5, lone("relay"))])
+    assert reactor._wait(missed, 2.0) == lone("relay")
     spins = missed.timeouts[:-1]
     assert spins and all(t == 0 for t in spins) and len(spins) <= 4
     assert 1.99 < missed.timeouts[-1] < 2.0  # the sleep keeps the timer's deadline
-    after = ScriptedSelect(clock, [(1e-3, ["event"])])
+    after = ScriptedSelect(clock, [(1e-3, lone("relay"))])
     reactor._wait(after, None)
     assert after.timeouts == [None]  # the long wait switched spinning off
     reactor.close()
 
 
+@pytest.mark.parametrize("batch", [
+    lone("another relay"),  # a second conversation takes a turn
+    lone("relay") + lone("another relay"),  # two at once
+    [],  # a timer was due
+], ids=["another-handler", "two-events", "no-events"])
+def test_busy_poll_stops_once_the_conversation_is_not_alone(batch):
+    clock = FakeClock()
+    reactor = busy_reactor(clock, 100e-6)
+    reactor._wait(ScriptedSelect(clock, [(150e-6, batch), (0.0, [])]), 1e-3)  # spun, then slept
+    for _ in range(2):
+        after = ScriptedSelect(clock, [(20e-6, lone("relay"))])
+        reactor._wait(after, None)
+        assert after.timeouts == [None]  # slept: events of several are batched, not spun for
+    again = ScriptedSelect(clock, [(20e-6, lone("relay"))])
+    reactor._wait(again, None)
+    assert again.timeouts == [0]  # alone for two batches again: spinning resumes
+    reactor.close()
+
+
 def test_busy_poll_never_spins_past_a_due_timer():
     clock = FakeClock()
-    reactor = gateway.Reactor(clock=clock, busy_poll=1e-3)
-    reactor._wait(ScriptedSelect(clock, [(900e-6, ["event"])]), None)
+    reactor = busy_reactor(clock, 1e-3)
     select = ScriptedSelect(clock, [(10e-6, [])] * 100)
     reactor._wait(select, 50e-6)
     assert select.timeouts.count(0) <= 6 and select.timeouts[-1] == 0.0
