@@ -366,8 +366,9 @@ class Reactor:
         self._signal_handlers = {}
         self._wake_r = self._wake_w = None
         self.busy_poll = busy_poll  # the longest spin before sleeping; 0 = always sleep at once
-        self._spin_window = 0.0
         self._lone_handler = None  # the handler of the last batch when it held one event alone
+        self._lone_fd = None  # and the descriptor of that event
+        self._spin_after = {}  # fd of the lone handler -> the spin learnt for the wait after its event
 
     # -- sockets -------------------------------------------------------------------------------
 
@@ -464,8 +465,9 @@ class Reactor:
             return select(timeout)
         clock = self.clock
         start = clock()
-        if self._spin_window:
-            spin = self._spin_window if timeout is None else min(self._spin_window, timeout)
+        window = self._spin_after.get(self._lone_fd, 0.0)
+        if window:
+            spin = window if timeout is None else min(window, timeout)
             events = select(0)
             while not events and clock() - start < spin:
                 events = select(0)
@@ -474,17 +476,25 @@ class Reactor:
             if timeout is not None:
                 timeout = max(0.0, timeout - (clock() - start))
         events = select(timeout)
-        self._spin_window = spin_window_after(clock() - start, self.busy_poll)
+        if self._lone_fd is not None:
+            self._spin_after[self._lone_fd] = spin_window_after(clock() - start, self.busy_poll)
         return self._follow_conversation(events)
 
     def _follow_conversation(self, events):
-        """Keep spinning only while one handler's events come alone, batch after batch: one
-        conversation bouncing between client and backend. With several in flight, sleeping
-        gathers their events into one wake-up, and spinning would only split the batches."""
-        handler = events[0][0].data if len(events) == 1 else None
-        if handler is None or handler is not self._lone_handler:
-            self._spin_window = 0.0
-        self._lone_handler = handler
+        """Spin only while one handler's events come alone, batch after batch: one conversation
+        bouncing between client and backend. With several in flight, one sleep gathers their
+        events into one wake-up, and spinning would only split the batches. The spin is learnt
+        per descriptor, because the gap after a request (the backend's answer) and after a
+        response (the client's pause) differ."""
+        if len(events) == 1:
+            key = events[0][0]
+            if key.data is not self._lone_handler:
+                self._spin_after.clear()
+                self._lone_handler = key.data
+            self._lone_fd = key.fd
+        else:
+            self._spin_after.clear()
+            self._lone_handler = self._lone_fd = None
         return events
 
     def _handler_failed(self, handler, exc: Exception) -> None:
@@ -509,9 +519,10 @@ class Reactor:
 
 
 def spin_window_after(waited: float, limit: float) -> float:
-    """The spin that would have caught a wait of `waited` seconds, with a margin, if it fits the
-    limit; otherwise none: a long wait means the traffic is sparse and spinning would only burn CPU."""
-    return min(limit, waited * 1.25) if waited <= limit else 0.0
+    """The spin that would have caught a wait of `waited` seconds, with a margin, up to the limit.
+    A sleeping wait includes our own wake-up, so one up to twice the limit may be caught yet;
+    a longer one means the traffic is sparse there and spinning would only burn CPU."""
+    return min(limit, waited * 1.25) if waited <= 2 * limit else 0.0
 
 
 class _SignalWake:

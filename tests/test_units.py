@@ -182,13 +182,15 @@ def test_spin_window_fits_the_limit_and_covers_short_waits(waited, limit):
     assert 0.0 <= window <= limit
     if waited <= limit:
         assert window >= waited  # the next wait that long is caught by the spin
+    elif waited <= 2 * limit:
+        assert window == limit  # that wait included our own wake-up: spinning may catch it
     else:
         assert window == 0.0  # sparse traffic: no spinning at all
 
 
-def lone(handler):
-    """A batch of one event for `handler`, shaped like selectors' (key, mask) pairs."""
-    return [(selectors.SelectorKey(None, 0, selectors.EVENT_READ, handler), selectors.EVENT_READ)]
+def lone(handler, fd=3):
+    """A batch of one event for `handler` on `fd`, shaped like selectors' (key, mask) pairs."""
+    return [(selectors.SelectorKey(None, fd, selectors.EVENT_READ, handler), selectors.EVENT_READ)]
 
 
 def busy_reactor(clock, limit, conversation="relay"):
@@ -251,6 +253,24 @@ def test_busy_poll_stops_once_the_conversation_is_not_alone(batch):
     again = ScriptedSelect(clock, [(20e-6, lone("relay"))])
     reactor._wait(again, None)
     assert again.timeouts == [0]  # alone for two batches again: spinning resumes
+    reactor.close()
+
+
+def test_busy_poll_learns_the_gap_after_each_descriptor_apart():
+    """Request/response: the backend answers at once, the client pauses before its next request.
+    Spin for the answer (after the client's event), sleep through the pause (after the backend's)."""
+    clock = FakeClock()
+    reactor = gateway.Reactor(clock=clock, busy_poll=50e-6)
+    client, backend = 5, 6
+    timeouts = []
+    for _ in range(4):
+        answer = ScriptedSelect(clock, [(20e-6, lone("relay", backend))])  # after the request
+        reactor._wait(answer, None)
+        pause = ScriptedSelect(clock, [(1e-3, lone("relay", client))])  # after the response
+        reactor._wait(pause, None)
+        timeouts.append((answer.timeouts, pause.timeouts))
+    assert timeouts[-1] == ([0], [None])
+    assert all(p == [None] for _, p in timeouts)  # never a spin into the client's pause
     reactor.close()
 
 
