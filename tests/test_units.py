@@ -67,8 +67,9 @@ def test_usage_errors_exit_2(argv, capsys):
     assert "usage:" in capsys.readouterr().err
 
 
-def test_busy_poll_is_off_by_default_and_takes_go_durations():
-    assert gateway.parse_args(["start"]).busy_poll == 0.0
+def test_busy_poll_is_50us_by_default_0_turns_it_off_and_takes_go_durations():
+    assert gateway.parse_args(["start"]).busy_poll == pytest.approx(50e-6)
+    assert gateway.parse_args(["start", "--busy-poll=0"]).busy_poll == 0.0
     assert gateway.parse_args(["start", "--busy-poll=100us"]).busy_poll == pytest.approx(100e-6)
     assert gateway.parse_args(["start", "--busy-poll", "1ms"]).busy_poll == pytest.approx(1e-3)
 
