@@ -522,6 +522,9 @@ def plan(backends: dict, lua: Dict[str, Path], settings: Settings) -> List[tuple
                      lambda p: idle_scale(p, backends["idle"], settings))]
     etcd = [Workload(f"etcd-{op}", f"etcd {op} c={ETCD_CONNS}", "req/s", "µs/req",
                      http(f"/v3/kv/{op}", ETCD_CONNS, lua[op])) for op in ("put", "range")]
+    # One application with one connection, the commonest client of a host's gateway.
+    etcd.append(Workload("etcd-put-1", "etcd put c=1", "req/s", "µs/req",
+                         http("/v3/kv/put", 1, lua["put"])))
     return [("iperf3", backends["iperf3"], bulk_group), ("nginx", backends["http"], http_group),
             ("nginx-churn", backends["http"], churn_group), ("nginx-idle", backends["idle"], idle),
             ("etcd", backends["etcd"], etcd)]
