@@ -73,8 +73,8 @@ ACCEPT_PAUSE_DELAY = 0.25  # after EMFILE/ENFILE: the pending connections wait i
 TLS_VALIDATION_MIN_TIMEOUT = 3.0  # a handshake costs a few round trips and some CPU on both ends
 MIN_INTERVAL_SECONDS = 0.01  # the shortest --dial-timeout / --health-interval / probe pace
 MAX_BUSY_POLL_SECONDS = 0.001
-# Long enough to catch a reply that is already on its way, short enough that clients pausing
-# between requests cost about as much CPU as without it (1 ms think time: 50us as off, 100us +50 %).
+# Long enough to catch a loopback backend's answer (tens of microseconds); every missed spin costs
+# the whole limit (one client with 1 ms think time: +13 % CPU per request at 50us, >= +50 % at 100us).
 DEFAULT_BUSY_POLL_SECONDS = 50e-6
 LOCAL_RETRY_TIMEOUT = 30.0  # how long an accepted client may wait for a descriptor to dial with
 KEEPALIVE_SECONDS = 15  # the Go gateway's net.Dialer/ListenConfig default
