@@ -6,7 +6,9 @@
 bench/run.py prints one progress line per (round, workload, proxy) on stderr. Within a round
 the proxies ran minutes apart on the same machine, so the ratio of ours to the Go gateway *in
 that round* cancels most of this machine's slow drifts; the median of those paired ratios over
-every round of every run given is steadier than any single run's ratio of medians.
+every round of every run given is steadier than any single run's ratio of medians. Pool only
+runs of the same gateway code: the rows mean what that commit's defaults meant (see
+bench/runs/README.md).
 """
 import re
 import statistics
@@ -50,7 +52,7 @@ def main(paths: List[str]) -> int:
     if not paths:
         sys.exit(__doc__)
     rounds = read_rounds(paths)
-    proxies = [p for p in ("ours", "ours-nospin")
+    proxies = [p for p in ("ours", "ours-busy", "ours-nospin")
                if any(p in by_proxy for r in rounds.values() for by_proxy in r.values())]
     print("| workload | rounds | " + " | ".join(f"{p} ×go | CPU ×go | p99 ×go" for p in proxies) + " |")
     print("|---|---:|" + "---:|" * 3 * len(proxies))
