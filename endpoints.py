@@ -14,6 +14,7 @@ rarely). Two policies sit on top of that choice:
 * ``round-robin`` (what the Go gateway's code actually does): every new connection moves on to the
   next endpoint of the lowest priority class.
 """
+import enum
 import ipaddress
 import random
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
@@ -141,6 +142,12 @@ def lowest_priority_class(candidates: Iterable[Endpoint]) -> List[Endpoint]:
         return []
     best = min(endpoint.priority for endpoint in candidates)
     return [endpoint for endpoint in candidates if endpoint.priority == best]
+
+
+class HealthChange(enum.Enum):
+    """What one etcd health check changed (see Pool.record_check)."""
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
 
 
 class Health:
@@ -290,9 +297,9 @@ class Pool:
         self._sticky_plan = None
         return True
 
-    def record_check(self, endpoint: Endpoint, ok: bool, reason: str = "") -> Optional[str]:
-        """Record one etcd health check. Returns "unhealthy" when the endpoint has just left the
-        rotation (after `failures_to_leave` failures in a row), "healthy" when it has just come
+    def record_check(self, endpoint: Endpoint, ok: bool, reason: str = "") -> Optional["HealthChange"]:
+        """Record one etcd health check. Returns UNHEALTHY when the endpoint has just left the
+        rotation (after `failures_to_leave` failures in a row), HEALTHY when it has just come
         back (after `successes_to_return` successes in a row), else None: no flapping."""
         entry = self._health.get(endpoint.key)
         if entry is None:
@@ -303,7 +310,7 @@ class Pool:
             if not entry.healthy and entry.check_successes >= self.successes_to_return:
                 entry.healthy = True
                 self._sticky_plan = None
-                return "healthy"
+                return HealthChange.HEALTHY
             return None
         entry.check_successes = 0
         entry.check_failures += 1
@@ -313,7 +320,7 @@ class Pool:
             self._sticky_plan = None
             if self._current is not None and self._current.key == endpoint.key:
                 self._current = None
-            return "unhealthy"
+            return HealthChange.UNHEALTHY
         return None
 
     def due_probes(self, now: float) -> List[Endpoint]:

@@ -31,6 +31,7 @@ visible in one profile; the price is that one slow step delays every relay, so n
 blocks after start-up (DNS, TLS and health checks included).
 """
 import argparse
+import enum
 import errno
 import heapq
 import os
@@ -358,10 +359,11 @@ class Reactor:
 
     Registered handlers are objects with ``handle_io(sock, mask)`` and ``handle_failure(exc)``;
     an exception escaping ``handle_io`` is passed to the same handler's ``handle_failure``.
+    `busy_poll`, when given, is the policy that says how long to poll before sleeping.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, log: Optional[Log] = None,
-                 busy_poll: float = 0.0):
+                 busy_poll: Optional["BusyPoll"] = None):
         self.clock = clock
         self.log = log or Log()
         self.selector = selectors.DefaultSelector()
@@ -371,10 +373,7 @@ class Reactor:
         self._running = False
         self._signal_handlers = {}
         self._wake_r = self._wake_w = None
-        self.busy_poll = busy_poll  # the longest spin before sleeping; 0 = always sleep at once
-        self._lone_handler = None  # the handler of the last batch when it held one event alone
-        self._lone_fd = None  # and the descriptor of that event
-        self._spin_after = {}  # fd of the lone handler -> the spin learnt for the wait after its event
+        self.busy_poll = busy_poll
 
     # -- sockets -------------------------------------------------------------------------------
 
@@ -465,42 +464,27 @@ class Reactor:
                     self._handler_failed(handler, exc)
 
     def _wait(self, select, timeout: Optional[float]):
-        """Wait for events. With busy polling, first poll without sleeping for up to the adaptive
-        window: on a VM, waking a halted vCPU can cost more than the spin (see README)."""
-        if not self.busy_poll or timeout == 0:
+        """Wait for events; with a busy-poll policy, first poll without sleeping for as long as
+        it allows: on a VM, waking a halted vCPU can cost more than the spin (docs/PERFORMANCE.md)."""
+        policy = self.busy_poll
+        if policy is None or timeout == 0:
             return select(timeout)
         clock = self.clock
         start = clock()
-        window = self._spin_after.get(self._lone_fd, 0.0)
+        window = policy.window()
         if window:
             spin = window if timeout is None else min(window, timeout)
             events = select(0)
             while not events and clock() - start < spin:
                 events = select(0)
             if events:
-                return self._follow_conversation(events)
+                policy.observe(events)
+                return events
             if timeout is not None:
                 timeout = max(0.0, timeout - (clock() - start))
         events = select(timeout)
-        if self._lone_fd is not None:
-            self._spin_after[self._lone_fd] = spin_window_after(clock() - start, self.busy_poll)
-        return self._follow_conversation(events)
-
-    def _follow_conversation(self, events):
-        """Spin only while one handler's events come alone, batch after batch: one conversation
-        bouncing between client and backend. With several in flight, one sleep gathers their
-        events into one wake-up, and spinning would only split the batches. The spin is learnt
-        per descriptor, because the gap after a request (the backend's answer) and after a
-        response (the client's pause) differ."""
-        if len(events) == 1:
-            key = events[0][0]
-            if key.data is not self._lone_handler:
-                self._spin_after.clear()
-                self._lone_handler = key.data
-            self._lone_fd = key.fd
-        else:
-            self._spin_after.clear()
-            self._lone_handler = self._lone_fd = None
+        policy.slept(clock() - start)
+        policy.observe(events)
         return events
 
     def _handler_failed(self, handler, exc: Exception) -> None:
@@ -522,6 +506,43 @@ class Reactor:
             self._wake_w.close()
             self._wake_r = self._wake_w = None
         self.selector.close()
+
+
+class BusyPoll:
+    """The --busy-poll policy: how long the reactor may poll without sleeping before a wait.
+
+    It spins only while one handler's events come alone, batch after batch: one conversation
+    bouncing between client and backend. With several in flight, one sleep gathers their events
+    into one wake-up, and spinning would only split the batches. The spin is learnt per
+    descriptor, because the gap after a request (the backend's answer) and after a response (the
+    client's pause) differ."""
+
+    def __init__(self, limit: float):
+        self.limit = limit  # the longest spin before sleeping
+        self._lone_handler = None  # the handler of the last batch when it held one event alone
+        self._lone_fd = None  # and the descriptor of that event
+        self._spin_after = {}  # fd of the lone handler -> the spin learnt for the wait after its event
+
+    def window(self) -> float:
+        """How long to poll before the next wait sleeps; 0 = sleep at once."""
+        return self._spin_after.get(self._lone_fd, 0.0)
+
+    def slept(self, waited: float) -> None:
+        """A wait that slept took `waited` seconds: learn the spin that would have caught it."""
+        if self._lone_fd is not None:
+            self._spin_after[self._lone_fd] = spin_window_after(waited, self.limit)
+
+    def observe(self, events) -> None:
+        """Follow the conversation: who the events of this batch belong to."""
+        if len(events) == 1:
+            key = events[0][0]
+            if key.data is not self._lone_handler:
+                self._spin_after.clear()
+                self._lone_handler = key.data
+            self._lone_fd = key.fd
+        else:
+            self._spin_after.clear()
+            self._lone_handler = self._lone_fd = None
 
 
 def spin_window_after(waited: float, limit: float) -> float:
@@ -604,39 +625,44 @@ LOCAL_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class Dial:
-    """One non-blocking connect bounded by a timeout. Calls `on_done(dial, sock, None)` with a
-    connected socket, or `on_done(dial, None, reason)`; exactly once, unless cancelled.
-    `local_failure` is set when the failure was ours (out of descriptors), not the endpoint's."""
+    """One non-blocking connect bounded by a timeout. `start()` begins it; `on_done(dial, sock,
+    None)` is called with a connected socket, or `on_done(dial, None, reason)`, exactly once
+    unless cancelled, and possibly from within `start()` (a loopback connect that completed at
+    once). `local_failure` is set when the failure was ours (out of descriptors), not the
+    endpoint's."""
 
     def __init__(self, reactor: Reactor, endpoint: ep.Endpoint, timeout: float, on_done):
         self.reactor = reactor
         self.endpoint = endpoint
+        self.timeout = timeout
         self.on_done = on_done
         self.sock = None
         self.timer = None
         self.local_failure = False
-        family, address = sockaddr_for(endpoint.dial_host, endpoint.port)
+
+    def __repr__(self):
+        return "<Dial %s>" % (self.endpoint,)
+
+    def start(self) -> None:
+        family, address = sockaddr_for(self.endpoint.dial_host, self.endpoint.port)
         try:
-            self.sock = socket.socket(family, STREAM_NONBLOCK)
+            sock = self.sock = socket.socket(family, STREAM_NONBLOCK)
             if STREAM_NONBLOCK == socket.SOCK_STREAM:
-                self.sock.setblocking(False)  # no SOCK_NONBLOCK here: one more system call
-            code = self.sock.connect_ex(address)
+                sock.setblocking(False)  # no SOCK_NONBLOCK here: one more system call
+            code = sock.connect_ex(address)
         except OSError as exc:
             self.local_failure = exc.errno in LOCAL_ERRNOS
             self._finish(None, error_reason(exc))
             return
-        if code == 0 or (code == errno.EINPROGRESS and is_connected(self.sock)):
+        if code == 0 or (code == errno.EINPROGRESS and is_connected(sock)):
             # On loopback the handshake completes inside connect(): skip a trip through the
             # selector (register, wait, SO_ERROR, unregister) and the dial timer.
-            self._finish(self.sock, None)
+            self._finish(sock, None)
         elif code in (errno.EINPROGRESS, errno.EAGAIN):
-            reactor.register(self.sock, EVENT_WRITE, self)
-            self.timer = reactor.call_later(timeout, self._timed_out, timeout)
+            self.reactor.register(sock, EVENT_WRITE, self)
+            self.timer = self.reactor.call_later(self.timeout, self._timed_out)
         else:
             self._finish(None, os.strerror(code).lower())
-
-    def __repr__(self):
-        return "<Dial %s>" % (self.endpoint,)
 
     def handle_io(self, sock, mask):
         if self.sock is None:
@@ -653,9 +679,9 @@ class Dial:
         self.cancel()
         self.on_done(self, None, error_reason(exc))
 
-    def _timed_out(self, timeout):
+    def _timed_out(self):
         self.reactor.unregister(self.sock)
-        self._finish(None, "dial timeout after " + format_duration(timeout))
+        self._finish(None, "dial timeout after " + format_duration(self.timeout))
 
     def _finish(self, sock, reason):
         if sock is None and self.sock is not None:
@@ -677,7 +703,23 @@ class Dial:
 
 # ====================================================================================== relay ==
 
-OPEN, DRAINING, SHUT = "open", "draining", "shut"
+class FlowState(enum.Enum):
+    """One direction of a relay: OPEN -> DRAINING (EOF seen, bytes still queued) -> SHUT."""
+    OPEN = "open"
+    DRAINING = "draining"
+    SHUT = "shut"
+
+
+class RelayState(enum.Enum):
+    """A relay: DIALING (the client waits, nothing read from it) -> RELAYING -> CLOSED."""
+    DIALING = "dialing"
+    RELAYING = "relaying"
+    CLOSED = "closed"
+
+
+# Module-level names: the data path compares states with `is` against globals.
+OPEN, DRAINING, SHUT = FlowState.OPEN, FlowState.DRAINING, FlowState.SHUT
+DIALING, RELAYING, CLOSED = RelayState.DIALING, RelayState.RELAYING, RelayState.CLOSED
 
 
 class PipePool:
@@ -724,6 +766,23 @@ class PipePool:
         self.idle = []
 
 
+class DataPath:
+    """What every relay shares: one receive buffer (one thread, so one relay uses it at a time)
+    and the splice pipe pool (None where splice is unavailable or turned off)."""
+
+    __slots__ = ("recv_buffer", "recv_view", "pipes")
+
+    def __init__(self, use_splice: bool):
+        self.recv_buffer = bytearray(RECV_CHUNK_BYTES)
+        self.recv_view = memoryview(self.recv_buffer)
+        self.pipes = PipePool() if use_splice else None
+
+    def trim(self) -> None:
+        """Give the spare pipes' descriptors back (the gateway is idle)."""
+        if self.pipes is not None:
+            self.pipes.close()
+
+
 class Flow:
     """One direction of a relay: bytes read from `src` and queued for `dst`, either in `queue`
     (recv/send) or in a pipe (`piped` bytes, splice)."""
@@ -760,19 +819,57 @@ class Flow:
         return bool(self.queue) or self.piped > 0
 
 
+class RelayHost:
+    """The one door between a Relay and whoever owns it (Connections in the gateway, a few lines
+    in a test). A relay plans with it, reports to it, and takes its shared resources from it;
+    it never sees the endpoint pool, the listener or the gateway.
+
+    Attributes: `reactor` (Reactor), `data` (DataPath), `dial_timeout` (seconds).
+    """
+
+    reactor: Reactor
+    data: DataPath
+    dial_timeout: float
+
+    def plan(self) -> List[ep.Endpoint]:
+        """The endpoints to try for a new client, best first (the policy's current choice)."""
+        raise NotImplementedError
+
+    def relay_connected(self, relay: "Relay") -> None:
+        """`relay` has connected to `relay.endpoint` and relays from now on."""
+
+    def dial_failed(self, endpoint: ep.Endpoint, reason: str) -> None:
+        """A dial to `endpoint` failed for a reason that is the endpoint's (or the network's)."""
+
+    def local_fault(self, relay: "Relay", reason: str, giving_up: bool) -> None:
+        """A dial failed for a reason of ours (out of descriptors): the client waits and the
+        relay retries shortly, or gives up (`giving_up`) after LOCAL_RETRY_TIMEOUT."""
+
+    def no_upstream(self, relay: "Relay") -> None:
+        """Every endpoint was tried and failed: the client is closed."""
+
+    def relay_failed(self, relay: "Relay", exc: BaseException) -> None:
+        """A bug surfaced while handling `relay`; it is reset right after."""
+
+    def relay_closed(self, relay: "Relay", endpoint: Optional[ep.Endpoint], reset: bool) -> None:
+        """`relay` has closed; `endpoint` is the one it relayed to (None if it never did)."""
+
+
 class Relay:
-    """A client connection and its upstream. DIALING -> RELAYING -> CLOSED."""
+    """A client connection and its upstream. DIALING -> RELAYING -> CLOSED.
 
-    DIALING, RELAYING, CLOSED = "dialing", "relaying", "closed"
+    Public, read-only: `endpoint` (the one dialled or relayed to), `started` (clock time),
+    `bytes_moved()`. Everything else is the relay's own."""
 
-    def __init__(self, gateway, client_sock: socket.socket, peer):
-        self.gateway = gateway
-        self.reactor = gateway.reactor
+    def __init__(self, host: RelayHost, client_sock: socket.socket, peer):
+        self.host = host
+        self.reactor = host.reactor
+        self.data = host.data
         self.client_sock = client_sock
         self.upstream_sock = None
         self.peer = peer
-        self.state = self.DIALING
-        self.plan = gateway.pool.plan()
+        self.state = DIALING
+        self.plan = None
         self.tried = set()
         self.endpoint = None
         self.dial = None
@@ -785,49 +882,53 @@ class Relay:
 
     def __repr__(self):
         return "<Relay %s client=%s upstream=%s up=%s down=%s>" % (
-            self.state, ep.format_hostport(*self.peer[:2]) if self.peer else "?",
-            self.endpoint, self.up.state, self.down.state)
+            self.state.value, ep.format_hostport(*self.peer[:2]) if self.peer else "?",
+            self.endpoint, self.up.state.value, self.down.state.value)
+
+    def bytes_moved(self):
+        """(client to upstream, upstream to client) so far."""
+        return self.up.total, self.down.total
 
     # -- dialing ---------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.plan = self.host.plan()
         self._dial_next()
 
     def _wait_for_descriptor(self, reason: str) -> None:
         """Out of descriptors is our problem, not the endpoint's: keep the client waiting (it has
         sent nothing we read) and dial the same endpoint again shortly, for a bounded time."""
         if self.reactor.clock() - self.started > LOCAL_RETRY_TIMEOUT:
-            self.gateway.no_descriptors(self, reason, giving_up=True)
+            self.host.local_fault(self, reason, giving_up=True)
             self._close(reset=True)
             return
-        self.gateway.no_descriptors(self, reason, giving_up=False)
+        self.host.local_fault(self, reason, giving_up=False)
         self.plan.insert(0, self.endpoint)
         self.tried.discard(self.endpoint.key)
         self.retry_timer = self.reactor.call_later(ACCEPT_PAUSE_DELAY, self._dial_next)
 
     def _dial_next(self) -> None:
-        if self.state is not self.DIALING:
+        if self.state is not DIALING:
             return
         if not self.plan:
-            self.gateway.no_upstream(self)
+            self.host.no_upstream(self)
             self._close()
             return
         self.endpoint = self.plan.pop(0)
         self.tried.add(self.endpoint.key)
-        dial = Dial(self.reactor, self.endpoint, self.gateway.dial_timeout, self._dialed)
-        if dial.sock is not None:  # still in flight (a synchronous result already moved on)
-            self.dial = dial
+        self.dial = Dial(self.reactor, self.endpoint, self.host.dial_timeout, self._dialed)
+        self.dial.start()
 
-    def _dialed(self, dial: "Dial", sock, reason) -> None:
+    def _dialed(self, dial: Dial, sock, reason) -> None:
         self.dial = None
         if sock is None and dial.local_failure:
             self._wait_for_descriptor(reason)
             return
         if sock is None:
-            self.gateway.dial_failed(self.endpoint, reason)
+            self.host.dial_failed(self.endpoint, reason)
             # Plan again: after a failure the policy chooses anew (sticky's next endpoint serves
             # this client too), and endpoints already tried are not tried twice.
-            self.plan = [e for e in self.gateway.pool.plan() if e.key not in self.tried]
+            self.plan = [e for e in self.host.plan() if e.key not in self.tried]
             self._dial_next()
             return
         self.upstream_sock = sock
@@ -837,8 +938,8 @@ class Relay:
             pass  # the peer may already be gone: the first recv will tell
         self.up.connect(self.client_sock, sock)
         self.down.connect(sock, self.client_sock)
-        self.state = self.RELAYING
-        self.gateway.relay_connected(self)
+        self.state = RELAYING
+        self.host.relay_connected(self)
         # Nothing is queued yet: both sides are only read (what _update_interest would derive).
         self.client_mask = self.upstream_mask = EVENT_READ
         self.reactor.register(self.client_sock, EVENT_READ, self)
@@ -847,7 +948,7 @@ class Relay:
     # -- events ----------------------------------------------------------------------------------
 
     def handle_io(self, sock, mask) -> None:
-        if self.state is not self.RELAYING:
+        if self.state is not RELAYING:
             return  # closed earlier in this same batch of events
         client = sock is self.client_sock
         if mask == EVENT_READ:
@@ -855,22 +956,22 @@ class Relay:
             self._pump(flow)
             if flow.state is OPEN and not flow.queue and not flow.piped:
                 return  # the hot path: everything read was passed on, so no mask changed
-            if self.state is self.RELAYING:
+            if self.state is RELAYING:
                 self._update_interest()
             return
         if mask & EVENT_WRITE:
             self._flush(self.down if client else self.up)
-        if mask & EVENT_READ and self.state is self.RELAYING:
+        if mask & EVENT_READ and self.state is RELAYING:
             self._pump(self.up if client else self.down)
-        if self.state is self.RELAYING:
+        if self.state is RELAYING:
             self._update_interest()
 
     def handle_failure(self, exc) -> None:
-        self.gateway.relay_failed(self, exc)
+        self.host.relay_failed(self, exc)
         self._reset_both()
 
     def _pump(self, flow: Flow) -> None:
-        if self.gateway.pipes is not None and not flow.queue:
+        if self.data.pipes is not None and not flow.queue:
             self._pump_spliced(flow)
         else:
             self._pump_copied(flow)
@@ -878,7 +979,7 @@ class Relay:
     def _pump_spliced(self, flow: Flow) -> None:
         """Move what `flow.src` has into a pipe and on to `flow.dst` without copying it through
         Python; what the peer did not take stays in the pipe, which the flow then keeps."""
-        pipes = self.gateway.pipes
+        pipes = self.data.pipes
         pipe = flow.pipe or pipes.take()
         if pipe is None:
             self._pump_copied(flow)  # out of descriptors for a pipe: copy this time
@@ -910,14 +1011,14 @@ class Relay:
             self._reset_both()
             return
         if not flow.piped:
-            self.gateway.pipes.give(flow.pipe)
+            self.data.pipes.give(flow.pipe)
             flow.pipe = None
 
     def _pump_copied(self, flow: Flow) -> None:
         """Read what `flow.src` has and send it at once; queue only what the peer did not take."""
-        buf = self.gateway.recv_buffer
+        data = self.data
         try:
-            count = flow.src.recv_into(buf)
+            count = flow.src.recv_into(data.recv_buffer)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -928,22 +1029,22 @@ class Relay:
             return
         flow.total += count
         if flow.queue:
-            flow.queue += self.gateway.recv_view[:count]
+            flow.queue += data.recv_view[:count]
             return
         try:
-            sent = flow.dst.send(self.gateway.recv_view[:count])
+            sent = flow.dst.send(data.recv_view[:count])
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
             self._reset_both()
             return
         if sent < count:
-            flow.queue += self.gateway.recv_view[sent:count]
+            flow.queue += data.recv_view[sent:count]
 
     def _flush(self, flow: Flow) -> None:
         if flow.piped:
             self._drain_pipe(flow)
-            if flow.piped or self.state is not self.RELAYING:
+            if flow.piped or self.state is not RELAYING:
                 return
         if flow.queue:
             try:
@@ -1006,10 +1107,10 @@ class Relay:
         self._close(reset=True)
 
     def _close(self, reset: bool = False) -> None:
-        if self.state is self.CLOSED:
+        if self.state is CLOSED:
             return
-        was_relaying = self.state is self.RELAYING
-        self.state = self.CLOSED
+        was_relaying = self.state is RELAYING
+        self.state = CLOSED
         if self.dial is not None:
             self.dial.cancel()
             self.dial = None
@@ -1028,7 +1129,7 @@ class Relay:
             if flow.pipe is not None:
                 PipePool.discard(flow.pipe)
                 flow.pipe, flow.piped = None, 0
-        self.gateway.relay_closed(self, was_relaying, reset)
+        self.host.relay_closed(self, self.endpoint if was_relaying else None, reset)
 
 
 # ===================================================================================== probes ==
@@ -1043,15 +1144,28 @@ except ImportError:  # some minimal Pythons lack it: TLS features then report th
 PROBE_MAX_REPLY_BYTES = 64 * 1024
 
 
+class ProbePhase(enum.Enum):
+    """DIAL -> [HANDSHAKE] -> [SEND -> RECEIVE] -> DONE; CLOSED once finished or cancelled."""
+    DIAL = "dial"
+    HANDSHAKE = "handshake"
+    SEND = "send"
+    RECEIVE = "receive"
+    DONE = "done"
+    CLOSED = "closed"
+
+
 class Probe:
     """Connect, optionally complete a TLS handshake, optionally send `request` and read the reply
-    until EOF; non-blocking and bounded by one timeout. Calls `on_done(probe, ok, reply, reason)`
-    exactly once, unless cancelled. Used for TCP probes, TLS validation and etcd /health checks."""
+    until EOF; non-blocking and bounded by one timeout. `start()` begins it; `on_done(probe, ok,
+    reply, reason)` is called exactly once unless cancelled, possibly from within `start()`.
+    Used for TCP probes, TLS validation and etcd /health checks. `connected` says whether the
+    TCP connect succeeded; `local_failure` whether the failure was ours (out of descriptors)."""
 
     def __init__(self, reactor: Reactor, endpoint: ep.Endpoint, timeout: float, on_done,
                  tls_context=None, server_hostname: str = "", request: bytes = b""):
         self.reactor = reactor
         self.endpoint = endpoint
+        self.timeout = timeout
         self.on_done = on_done
         self.tls_context = tls_context
         self.server_hostname = server_hostname or endpoint.host
@@ -1061,32 +1175,38 @@ class Probe:
         self.sock = None
         self.mask = 0
         self.connected = False
-        self.phase = "dial"
-        self.timer = reactor.call_later(timeout, self._finish, False,
-                                        "timeout after " + format_duration(timeout))
-        dial = Dial(reactor, endpoint, timeout, self._connected)
-        self.dial = dial if dial.sock is not None else None
+        self.local_failure = False
+        self.phase = ProbePhase.DIAL
+        self.timer = None
+        self.dial = None
 
     def __repr__(self):
-        return "<Probe %s %s>" % (self.endpoint, self.phase)
+        return "<Probe %s %s>" % (self.endpoint, self.phase.value)
+
+    def start(self) -> None:
+        self.timer = self.reactor.call_later(self.timeout, self._finish, False,
+                                             "timeout after " + format_duration(self.timeout))
+        self.dial = Dial(self.reactor, self.endpoint, self.timeout, self._connected)
+        self.dial.start()
 
     def _connected(self, dial, sock, reason) -> None:
         self.dial = None
         if sock is None:
+            self.local_failure = dial.local_failure
             self._finish(False, reason)
             return
         self.sock = sock
         self.connected = True
         if self.tls_context is not None:
-            self.phase = "handshake"
+            self.phase = ProbePhase.HANDSHAKE
             self.sock = self.tls_context.wrap_socket(sock, server_hostname=self.server_hostname,
                                                      do_handshake_on_connect=False)
         else:
-            self.phase = "send" if self.expects_reply else "done"
+            self.phase = ProbePhase.SEND if self.expects_reply else ProbePhase.DONE
         self._advance()
 
     def handle_io(self, sock, mask) -> None:
-        if self.phase != "closed":
+        if self.phase is not ProbePhase.CLOSED:
             self._advance()
 
     def handle_failure(self, exc) -> None:
@@ -1095,15 +1215,15 @@ class Probe:
     def _advance(self) -> None:
         want = EVENT_READ
         try:
-            if self.phase == "handshake":
+            if self.phase is ProbePhase.HANDSHAKE:
                 self.sock.do_handshake()
-                self.phase = "send" if self.expects_reply else "done"
-            if self.phase == "send":
+                self.phase = ProbePhase.SEND if self.expects_reply else ProbePhase.DONE
+            if self.phase is ProbePhase.SEND:
                 want = EVENT_WRITE
                 del self.pending[:self.sock.send(self.pending)]
                 if not self.pending:
-                    self.phase = "receive"
-            if self.phase == "receive":
+                    self.phase = ProbePhase.RECEIVE
+            if self.phase is ProbePhase.RECEIVE:
                 want = EVENT_READ
                 self._receive()
         except SSL_WOULD_BLOCK as exc:
@@ -1113,7 +1233,7 @@ class Probe:
         except (OSError, ValueError) as exc:  # ssl.SSLError and certificate errors are OSErrors
             self._finish(False, tls_reason(exc))
             return
-        if self.phase == "done":
+        if self.phase is ProbePhase.DONE:
             self._finish(True, "")
         else:
             self._want(want)
@@ -1122,7 +1242,7 @@ class Probe:
         while True:
             chunk = self.sock.recv(16384)
             if not chunk:
-                self.phase = "done"
+                self.phase = ProbePhase.DONE
                 return
             self.reply += chunk
             if len(self.reply) > PROBE_MAX_REPLY_BYTES:
@@ -1138,14 +1258,14 @@ class Probe:
         self.mask = mask
 
     def _finish(self, ok: bool, reason: str) -> None:
-        if self.phase == "closed":
+        if self.phase is ProbePhase.CLOSED:
             return
         self.cancel()
         self.on_done(self, ok, bytes(self.reply), reason)
 
     def cancel(self) -> None:
         """Abandon the probe without a callback."""
-        self.phase = "closed"
+        self.phase = ProbePhase.CLOSED
         self.reactor.cancel(self.timer)
         if self.dial is not None:
             self.dial.cancel()
@@ -1240,7 +1360,7 @@ class BatchAcceptor:
                 return
             except OSError as exc:
                 if exc.errno in LOCAL_ERRNOS:
-                    self.pause(exc)
+                    self.pause(error_reason(exc))
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # the client gave up in the backlog
@@ -1250,16 +1370,16 @@ class BatchAcceptor:
     def accepted(self, client_sock: socket.socket, peer) -> None:
         raise NotImplementedError
 
-    def exhausted(self, exc: OSError) -> None:
-        """Accepting has just been paused because of `exc`."""
+    def exhausted(self, reason: str) -> None:
+        """Accepting has just been paused because of `reason`."""
 
-    def pause(self, exc: OSError) -> None:
-        """Out of descriptors or buffers (`exc`): stop accepting for a moment."""
+    def pause(self, reason: str) -> None:
+        """Out of descriptors or buffers (`reason`): stop accepting for a moment."""
         if not self.paused and not self.closed:
             self.paused = True
             self.reactor.unregister(self.sock)
             self.reactor.call_later(ACCEPT_PAUSE_DELAY, self._resume)
-            self.exhausted(exc)
+            self.exhausted(reason)
 
     def _resume(self) -> None:
         if self.paused and not self.closed:
@@ -1277,23 +1397,25 @@ class BatchAcceptor:
 
 class StatusListener(BatchAcceptor):
     """The --metrics-addr port, served by the same reactor (http.server blocks, and
-    python3-minimal does not ship it)."""
+    python3-minimal does not ship it). Each client is one StatusConnection."""
 
-    def __init__(self, gateway, sock: socket.socket):
-        super().__init__(gateway.reactor, sock)
-        self.gateway = gateway
+    def __init__(self, reactor: Reactor, log: Log, sock: socket.socket, pages: "StatusPages"):
+        super().__init__(reactor, sock)
+        self.log = log
+        self.pages = pages
         self.connections = set()
 
     def accepted(self, client_sock: socket.socket, peer) -> None:
         client_sock.setblocking(False)
-        self.connections.add(StatusConnection(self, client_sock))
+        connection = StatusConnection(self, client_sock)
+        self.connections.add(connection)
+        connection.start()
 
-    def exhausted(self, exc: OSError) -> None:
-        self.gateway.log.limited("warn", "status-accept-exhausted", 5.0, "status accept paused",
-                                 reason=error_reason(exc))
+    def exhausted(self, reason: str) -> None:
+        self.log.limited("warn", "status-accept-exhausted", 5.0, "status accept paused", reason=reason)
 
     def handle_failure(self, exc) -> None:
-        self.gateway.log.limited("error", "status-accept", 5.0, "status accept failed", error=repr(exc))
+        self.log.limited("error", "status-accept", 5.0, "status accept failed", error=repr(exc))
 
     def close(self) -> None:
         for connection in list(self.connections):
@@ -1307,15 +1429,18 @@ class StatusConnection:
 
     def __init__(self, listener: StatusListener, sock: socket.socket):
         self.listener = listener
-        self.reactor = listener.gateway.reactor
+        self.reactor = listener.reactor
         self.sock = sock
         self.request = bytearray()
         self.response = b""
-        self.reactor.register(sock, EVENT_READ, self)
-        self.timer = self.reactor.call_later(STATUS_REQUEST_TIMEOUT, self.close)
+        self.timer = None
 
     def __repr__(self):
-        return "<StatusConnection fd=%d>" % self.sock.fileno()
+        return "<StatusConnection fd=%d>" % (self.sock.fileno() if self.sock else -1)
+
+    def start(self) -> None:
+        self.reactor.register(self.sock, EVENT_READ, self)
+        self.timer = self.reactor.call_later(STATUS_REQUEST_TIMEOUT, self.close)
 
     def handle_io(self, sock, mask) -> None:
         if self.sock is None:
@@ -1329,20 +1454,11 @@ class StatusConnection:
             return
         self.request += chunk
         if b"\r\n\r\n" in self.request:
-            self.response = self._respond(bytes(self.request))
+            self.response = self.listener.pages.respond(bytes(self.request))
             self.reactor.modify(sock, EVENT_WRITE, self)
             self._send()
         elif len(self.request) > STATUS_MAX_REQUEST_BYTES:
             self.close()
-
-    def _respond(self, request: bytes) -> bytes:
-        parts = request.split(b"\r\n", 1)[0].split()
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            return http_response(400, "text/plain", b"bad request\n")
-        if parts[0] != b"GET":
-            return http_response(405, "text/plain", b"method not allowed\n")
-        path = parts[1].split(b"?", 1)[0].decode("ascii", "replace")
-        return self.listener.gateway.status_page(path)
 
     def _send(self) -> None:
         try:
@@ -1364,6 +1480,99 @@ class StatusConnection:
         self.sock.close()
         self.sock = None
         self.listener.connections.discard(self)
+
+
+class Stats:
+    """Counters of events that the status pages report; the gateway's parts add to them."""
+
+    __slots__ = ("connections_total", "client_to_upstream", "upstream_to_client", "refresh_ok",
+                 "refresh_error")
+
+    def __init__(self):
+        self.connections_total = 0
+        self.client_to_upstream = self.upstream_to_client = 0  # bytes of closed connections
+        self.refresh_ok = self.refresh_error = 0
+
+
+class StatusPages:
+    """/metrics, /health and /endpoints: what they say, and the listener that serves them. It
+    reads the endpoint pool, the counters and the live connections; it changes nothing."""
+
+    def __init__(self, reactor: Reactor, log: Log, pool: ep.Pool, stats: Stats,
+                 connections: "Connections"):
+        self.reactor = reactor
+        self.log = log
+        self.pool = pool
+        self.stats = stats
+        self.connections = connections
+        self.start_wall = time.time()
+        self.listener = None
+
+    def serve(self, sock: socket.socket) -> None:
+        self.listener = StatusListener(self.reactor, self.log, sock, self)
+        self.listener.start()
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+    def respond(self, request: bytes) -> bytes:
+        parts = request.split(b"\r\n", 1)[0].split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            return http_response(400, "text/plain", b"bad request\n")
+        if parts[0] != b"GET":
+            return http_response(405, "text/plain", b"method not allowed\n")
+        return self.page(parts[1].split(b"?", 1)[0].decode("ascii", "replace"))
+
+    def page(self, path: str) -> bytes:
+        if path == "/metrics":
+            return http_response(200, "text/plain; version=0.0.4; charset=utf-8", self.render_metrics())
+        if path == "/health":
+            healthy = self.pool.any_usable()
+            body = b'{"health":"true"}' if healthy else b'{"health":"false"}'
+            return http_response(200 if healthy else 503, "application/json", body)
+        if path == "/endpoints":
+            return http_response(200, "application/json", self.render_endpoints())
+        return http_response(404, "text/plain", b"not found\n")
+
+    def render_endpoints(self) -> bytes:
+        rows = []
+        for health in self.pool.healths():
+            endpoint = health.endpoint
+            fields = [("endpoint", str(endpoint)), ("address", endpoint.dial_host), ("port", endpoint.port),
+                      ("up", health.up), ("healthy", health.healthy), ("priority", endpoint.priority),
+                      ("weight", endpoint.weight), ("secure", endpoint.secure),
+                      ("active_connections", health.active), ("dial_failures", health.dial_failures),
+                      ("last_error", health.last_error)]
+            rows.append("{" + ",".join("%s:%s" % (_json_string(k), _json_value(v)) for k, v in fields) + "}")
+        return ("[" + ",".join(rows) + "]\n").encode()
+
+    def render_metrics(self) -> bytes:
+        stats = self.stats
+        live_up, live_down = self.connections.live_bytes()
+        healths = self.pool.healths()
+        out = MetricsText()
+        out.family("etcd_gateway_connections_total", "counter", "Client connections accepted.",
+                   [((), stats.connections_total)])
+        out.family("etcd_gateway_active_connections", "gauge", "Client connections open now.",
+                   [((), self.connections.count())])
+        out.family("etcd_gateway_bytes_total", "counter", "Bytes relayed, by direction.",
+                   [((("direction", "client_to_upstream"),), stats.client_to_upstream + live_up),
+                    ((("direction", "upstream_to_client"),), stats.upstream_to_client + live_down)])
+        out.family("etcd_gateway_dial_failures_total", "counter", "Failed connects, by endpoint.",
+                   [((("endpoint", str(h.endpoint)),), h.dial_failures) for h in healths])
+        out.family("etcd_gateway_endpoint_up", "gauge", "1 when the endpoint is reachable and healthy.",
+                   [((("endpoint", str(h.endpoint)),), int(h.up and h.healthy)) for h in healths])
+        out.family("etcd_gateway_endpoint_active_connections", "gauge",
+                   "Relayed connections open now, by endpoint.",
+                   [((("endpoint", str(h.endpoint)),), h.active) for h in healths])
+        out.family("etcd_gateway_discovery_refreshes_total", "counter",
+                   "DNS discovery refreshes, by result.",
+                   [((("result", "ok"),), stats.refresh_ok), ((("result", "error"),), stats.refresh_error)])
+        for name, help_text, value in read_process_gauges(self.start_wall):
+            out.family(name, "counter" if name.endswith("_total") else "gauge", help_text, [((), value)])
+        return out.render()
 
 
 def prometheus_label(value: str) -> str:
@@ -1635,7 +1844,8 @@ class EndpointSource:
         if self.options.insecure_discovery:
             self._srv_finish(candidates, rejected, asked, on_done)
             return
-        TlsValidation(self, candidates, lambda ok, bad: self._srv_finish(ok, rejected + bad, asked, on_done))
+        TlsValidation(self, candidates,
+                      lambda ok, bad: self._srv_finish(ok, rejected + bad, asked, on_done)).start()
 
     def _srv_finish(self, endpoints, rejected, asked, on_done) -> None:
         if endpoints:
@@ -1666,17 +1876,17 @@ class TlsValidation:
 
     def __init__(self, source: EndpointSource, candidates, on_done):
         self.source = source
+        self.candidates = candidates
         self.on_done = on_done
         self.accepted, self.rejected = [], []
         self.waiting = 0
-        domain = dnssrv.name_key(source.options.discovery_srv)
-        unchecked = []
-        for endpoint in candidates:
-            if (endpoint.host, endpoint.port, endpoint.address) in source.validated:
-                self.accepted.append(endpoint)
-            else:
-                unchecked.append(endpoint)
-        # Count them all before starting any: on loopback a handshake can finish inside _check.
+
+    def start(self) -> None:
+        domain = dnssrv.name_key(self.source.options.discovery_srv)
+        unchecked = [endpoint for endpoint in self.candidates
+                     if (endpoint.host, endpoint.port, endpoint.address) not in self.source.validated]
+        self.accepted = [endpoint for endpoint in self.candidates if endpoint not in unchecked]
+        # All are counted before any starts: a check may finish inside start() (loopback).
         self.waiting = len(unchecked)
         for endpoint in unchecked:
             self._check(endpoint, [endpoint.host] + ([domain] if domain != endpoint.host else []), [])
@@ -1692,7 +1902,7 @@ class TlsValidation:
         timeout = max(2 * source.options.dial_timeout, TLS_VALIDATION_MIN_TIMEOUT)
         Probe(source.reactor, endpoint, timeout,
               lambda probe, ok, reply, reason: self._probed(endpoint, names, reasons, ok, reason),
-              tls_context=source.tls_context, server_hostname=name)
+              tls_context=source.tls_context, server_hostname=name).start()
 
     def _probed(self, endpoint, names, reasons, ok, reason) -> None:
         if ok:
@@ -1719,80 +1929,85 @@ class TlsValidation:
 # ===================================================================================== gateway ==
 
 class Listener(BatchAcceptor):
-    """The proxy port: every client becomes a relay; out of descriptors, accepting pauses."""
+    """The proxy port: every client is handed to the connections; out of descriptors, it pauses."""
 
-    def __init__(self, gateway, sock: socket.socket):
-        super().__init__(gateway.reactor, sock)
-        self.gateway = gateway
+    def __init__(self, reactor: Reactor, log: Log, sock: socket.socket, connections: "Connections"):
+        super().__init__(reactor, sock)
+        self.log = log
+        self.connections = connections
 
     def accepted(self, client_sock: socket.socket, peer) -> None:
-        self.gateway.accepted(client_sock, peer)
+        self.connections.open(client_sock, peer)
 
-    def exhausted(self, exc: OSError) -> None:
-        self.gateway.log.limited("warn", "accept-exhausted", 5.0, "accept paused",
-                                 reason=error_reason(exc), active=len(self.gateway.relays))
+    def exhausted(self, reason: str) -> None:
+        self.log.limited("warn", "accept-exhausted", 5.0, "accept paused", reason=reason,
+                         active=self.connections.count())
 
     def handle_failure(self, exc) -> None:
-        self.gateway.log.limited("error", "accept", 5.0, "accept failed", error=repr(exc))
+        self.log.limited("error", "accept", 5.0, "accept failed", error=repr(exc))
 
 
-class Gateway:
-    """The policy glue between the reactor, the endpoint pool and the relays."""
+class Connections(RelayHost):
+    """The proxy port and its relays: it accepts clients, opens a relay for each, answers their
+    questions (the plan, the shared buffers) and books their reports into the endpoint pool, the
+    counters and the log. It drains them on shutdown. The RelayHost of every relay."""
 
-    def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, options, tls_context=None):
+    def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, stats: Stats, dial_timeout: float,
+                 data: DataPath, health: "HealthMonitor"):
         self.reactor = reactor
         self.pool = pool
         self.log = log
-        self.dial_timeout = options.dial_timeout
-        self.shutdown_timeout = options.shutdown_timeout
-        self.health_check = options.health_check
-        self.health_interval = options.health_interval
-        self.tls_context = tls_context
-        self.recv_buffer = bytearray(RECV_CHUNK_BYTES)
-        self.recv_view = memoryview(self.recv_buffer)
-        self.pipes = PipePool() if splice_enabled() else None
-        self.pipe_trim_timer = None
+        self.stats = stats
+        self.dial_timeout = dial_timeout
+        self.data = data
+        self.health = health
+        self.plan = pool.plan  # RelayHost.plan: the policy's choice, straight from the pool
         self.listener = None
-        self.status = None
         self.relays = set()
-        self.probe_timer = None
-        self.probing = set()
-        self.health_checks = {}
-        self.shutting_down = False
-        self.source = None
-        self.refreshing = False
-        self.refresh_timer = None
-        self.refresh_interval = 0.0
-        self.start_wall = time.time()
-        self.stats = {"connections_total": 0, "client_to_upstream": 0, "upstream_to_client": 0,
-                      "refresh_ok": 0, "refresh_error": 0}
+        self.pipe_trim_timer = None
+        self.drain_timer = None
+        self.on_drained = None
 
-    # -- listener --------------------------------------------------------------------------------
+    # -- the proxy port --------------------------------------------------------------------------
 
     def listen(self, sock: socket.socket) -> None:
-        self.listener = Listener(self, sock)
+        self.listener = Listener(self.reactor, self.log, sock, self)
         self.listener.start()
 
-    def accepted(self, client_sock: socket.socket, peer) -> None:
+    def listen_address(self):
+        """(host, port) of the proxy port, or None once it has closed."""
+        return self.listener.sock.getsockname()[:2] if self.listener is not None else None
+
+    def stop_accepting(self) -> None:
+        if self.listener is not None:
+            self.listener.stop()
+            self.listener = None
+
+    def open(self, client_sock: socket.socket, peer) -> None:
         client_sock.setblocking(False)  # TCP_NODELAY and keep-alive come from the listener
-        self.stats["connections_total"] += 1
+        self.stats.connections_total += 1
         relay = Relay(self, client_sock, peer)
         self.relays.add(relay)
         relay.start()
 
-    # -- relay events ------------------------------------------------------------------------------
+    def count(self) -> int:
+        return len(self.relays)
 
-    def dial_failed(self, endpoint: ep.Endpoint, reason: str) -> None:
-        if self.pool.mark_failed(endpoint, self.reactor.clock(), reason):
-            self.log.warn("endpoint down", endpoint=str(endpoint), reason=reason,
-                          retry_delay=format_duration(self.pool.retry_delay))
-        self._schedule_probe()
+    def live_bytes(self):
+        """Bytes moved so far by the open connections: (client to upstream, upstream to client)."""
+        moved = [relay.bytes_moved() for relay in self.relays]
+        return sum(up for up, _ in moved), sum(down for _, down in moved)
+
+    # -- what the relays report (RelayHost) ---------------------------------------------------------
 
     def relay_connected(self, relay: Relay) -> None:
         if self.pool.connection_opened(relay.endpoint):
             self.log.info("endpoint up", endpoint=str(relay.endpoint), reason="dial succeeded")
 
-    def no_descriptors(self, relay: Relay, reason: str, giving_up: bool) -> None:
+    def dial_failed(self, endpoint: ep.Endpoint, reason: str) -> None:
+        self.health.endpoint_failed(endpoint, reason)
+
+    def local_fault(self, relay: Relay, reason: str, giving_up: bool) -> None:
         if giving_up:
             self.log.limited("warn", "no-descriptors-close", 5.0, "cannot dial upstream, closing client",
                              reason=reason, waited=format_duration(LOCAL_RETRY_TIMEOUT))
@@ -1800,7 +2015,7 @@ class Gateway:
         self.log.limited("warn", "no-descriptors", 5.0, "cannot dial upstream, client waits",
                          reason=reason, active=len(self.relays))
         if self.listener is not None:
-            self.listener.pause(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
+            self.listener.pause(reason)
 
     def no_upstream(self, relay: Relay) -> None:
         self.log.limited("warn", "no-upstream", 5.0, "no endpoint reachable, closing client",
@@ -1810,28 +2025,103 @@ class Gateway:
         self.log.limited("error", "relay-bug:" + type(exc).__name__, 5.0, "connection failed",
                          relay=repr(relay), error=repr(exc))
 
-    def relay_closed(self, relay: Relay, was_relaying: bool, reset: bool) -> None:
+    def relay_closed(self, relay: Relay, endpoint: Optional[ep.Endpoint], reset: bool) -> None:
         self.relays.discard(relay)
-        self.stats["client_to_upstream"] += relay.up.total
-        self.stats["upstream_to_client"] += relay.down.total
-        if was_relaying:
-            self.pool.connection_closed(relay.endpoint)
+        up, down = relay.bytes_moved()
+        self.stats.client_to_upstream += up
+        self.stats.upstream_to_client += down
+        if endpoint is not None:
+            self.pool.connection_closed(endpoint)
         if self.log.enabled("debug"):
-            self.log.debug("connection closed", endpoint=str(relay.endpoint), bytes_in=relay.up.total,
-                           bytes_out=relay.down.total, reset=reset,
-                           duration=format_duration(self.reactor.clock() - relay.started))
-        if not self.relays and self.pipes is not None and self.pipe_trim_timer is None:
-            # Idle: give the spare pipes' descriptors back, but not at once: a client that
-            # connects again right away (strace: pipe2, fcntl and 2 closes per connection
-            # otherwise) should find them.
+            self.log.debug("connection closed", endpoint=str(relay.endpoint), bytes_in=up, bytes_out=down,
+                           reset=reset, duration=format_duration(self.reactor.clock() - relay.started))
+        if not self.relays:
+            self._went_idle()
+
+    def _went_idle(self) -> None:
+        if self.data.pipes is not None and self.pipe_trim_timer is None:
+            # Give the spare pipes' descriptors back, but not at once: a client that connects
+            # again right away (strace: pipe2, fcntl and 2 closes per connection otherwise)
+            # should find them.
             self.pipe_trim_timer = self.reactor.call_later(PIPE_TRIM_DELAY, self._trim_pipes)
-        if self.shutting_down and not self.relays:
-            self.reactor.stop()
+        if self.on_drained is not None:
+            self._drained()
 
     def _trim_pipes(self) -> None:
         self.pipe_trim_timer = None
         if not self.relays:
-            self.pipes.close()
+            self.data.trim()
+
+    # -- endings ---------------------------------------------------------------------------------
+
+    def evict(self, endpoint: ep.Endpoint) -> int:
+        """Close the open connections to `endpoint` so that their clients reconnect elsewhere."""
+        evicted = [relay for relay in self.relays
+                   if relay.state is RELAYING and relay.endpoint.key == endpoint.key]
+        for relay in evicted:
+            relay.abort()
+        return len(evicted)
+
+    def drain(self, timeout: float, on_drained) -> None:
+        """Let the open connections finish, for up to `timeout`; then call `on_drained()`."""
+        self.on_drained = on_drained
+        if not self.relays:
+            self._drained()
+            return
+        self.drain_timer = self.reactor.call_later(timeout, self._drain_expired)
+
+    def _drain_expired(self) -> None:
+        self.drain_timer = None
+        if self.relays:
+            self.log.warn("shutdown timeout: closing open connections", active=len(self.relays))
+        self.abort_all()
+        if self.on_drained is not None:
+            self._drained()
+
+    def _drained(self) -> None:
+        on_drained, self.on_drained = self.on_drained, None
+        self.reactor.cancel(self.drain_timer)
+        self.drain_timer = None
+        on_drained()
+
+    def abort_all(self) -> None:
+        for relay in list(self.relays):
+            relay.abort()
+
+    def close(self) -> None:
+        self.on_drained = None
+        self.abort_all()
+        self.stop_accepting()
+        if self.data.pipes is not None:
+            self.data.pipes.close()
+
+
+class HealthMonitor:
+    """Whether each endpoint may take clients. An endpoint whose dial failed is down until a
+    probe (a plain connect, after --retry-delay) reaches it again; with --health-check etcd every
+    endpoint's GET /health is also checked every --health-interval, and one that turns unhealthy
+    has its connections evicted (through `evict`)."""
+
+    def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, options, tls_context, evict):
+        self.reactor = reactor
+        self.pool = pool
+        self.log = log
+        self.dial_timeout = options.dial_timeout
+        self.health_check = options.health_check
+        self.health_interval = options.health_interval
+        self.tls_context = tls_context
+        self.evict = evict
+        self.probe_timer = None
+        self.probing = set()
+        self.check_timer = None
+        self.health_checks = {}
+
+    def endpoint_failed(self, endpoint: ep.Endpoint, reason: str) -> None:
+        """A connect to `endpoint` failed: take it out until a probe reaches it."""
+        if self.pool.mark_failed(endpoint, self.reactor.clock(), reason):
+            self.log.warn("endpoint down", endpoint=str(endpoint), reason=reason,
+                          retry_delay=format_duration(self.pool.retry_delay))
+        self._schedule_probe()
 
     # -- probes of failed endpoints ----------------------------------------------------------------
 
@@ -1850,33 +2140,32 @@ class Gateway:
     def _run_probes(self) -> None:
         self.probe_timer = None
         for endpoint in self.pool.due_probes(self.reactor.clock()):
-            self._probe(endpoint)
+            dial = Dial(self.reactor, endpoint, self.dial_timeout, self._probed)
+            self.probing.add(dial)
+            dial.start()
         self._schedule_probe()
 
-    def _probe(self, endpoint: ep.Endpoint) -> None:
-        def done(_dial, sock, reason):
-            self.probing.discard(probe)
-            if sock is not None:
-                sock.close()
-                if self.pool.mark_up(endpoint):
-                    self.log.info("endpoint up", endpoint=str(endpoint), reason="probe succeeded")
-            else:
-                self.pool.mark_failed(endpoint, self.reactor.clock(), reason)
-                self._schedule_probe()
-        probe = None
-        probe = Dial(self.reactor, endpoint, self.dial_timeout, done)
-        if probe.sock is not None:
-            self.probing.add(probe)
+    def _probed(self, dial: Dial, sock, reason) -> None:
+        self.probing.discard(dial)
+        if sock is not None:
+            sock.close()
+            if self.pool.mark_up(dial.endpoint):
+                self.log.info("endpoint up", endpoint=str(dial.endpoint), reason="probe succeeded")
+        else:
+            self.pool.mark_failed(dial.endpoint, self.reactor.clock(), reason)
+            self._schedule_probe()
 
     # -- etcd-aware health checks (--health-check etcd) ----------------------------------------------
 
-    def start_health_checks(self) -> None:
+    def start(self) -> None:
         if self.health_check == "etcd":
-            self.reactor.call_later(0.0, self._run_health_checks)
+            self.check_timer = self.reactor.call_later(0.0, self._run_health_checks)
+
+    def stop_checks(self) -> None:
+        self.reactor.cancel(self.check_timer)
+        self.check_timer = None
 
     def _run_health_checks(self) -> None:
-        if self.shutting_down:
-            return
         timeout = max(self.dial_timeout, min(self.health_interval, 5.0))
         for endpoint in self.pool.endpoints:
             if endpoint.key in self.health_checks:
@@ -1884,94 +2173,62 @@ class Gateway:
             probe = Probe(self.reactor, endpoint, timeout, self._health_checked,
                           tls_context=self.tls_context if endpoint.secure else None,
                           server_hostname=endpoint.tls_name, request=health_request(endpoint))
-            if probe.phase != "closed":
-                self.health_checks[endpoint.key] = probe
-        self.reactor.call_later(self.health_interval, self._run_health_checks)
+            self.health_checks[endpoint.key] = probe
+            probe.start()
+        self.check_timer = self.reactor.call_later(self.health_interval, self._run_health_checks)
 
     def _health_checked(self, probe: Probe, ok: bool, reply: bytes, reason: str) -> None:
         endpoint = probe.endpoint
         self.health_checks.pop(endpoint.key, None)
         if not probe.connected and self.pool.contains(endpoint):
-            self.dial_failed(endpoint, reason)  # unreachable, not merely unhealthy
+            self.endpoint_failed(endpoint, reason)  # unreachable, not merely unhealthy
         elif probe.connected and self.pool.mark_up(endpoint):
             self.log.info("endpoint up", endpoint=str(endpoint), reason="health check connected")
         if ok:
             ok, reason = parse_health_reply(reply)
         change = self.pool.record_check(endpoint, ok, reason)
-        if change == "unhealthy":
+        if change is ep.HealthChange.UNHEALTHY:
             self.log.warn("endpoint unhealthy", endpoint=str(endpoint), reason=reason,
                           failures=self.pool.failures_to_leave)
-            self._evict(endpoint)
-        elif change == "healthy":
+            evicted = self.evict(endpoint)
+            if evicted:
+                self.log.info("closed connections of unhealthy endpoint", endpoint=str(endpoint),
+                              count=evicted)
+        elif change is ep.HealthChange.HEALTHY:
             self.log.info("endpoint healthy", endpoint=str(endpoint),
                           successes=self.pool.successes_to_return)
 
-    def _evict(self, endpoint: ep.Endpoint) -> None:
-        """Close the open connections of an unhealthy endpoint so that clients reconnect elsewhere."""
-        evicted = [relay for relay in self.relays
-                   if relay.state is Relay.RELAYING and relay.endpoint.key == endpoint.key]
-        for relay in evicted:
-            relay.abort()
-        if evicted:
-            self.log.info("closed connections of unhealthy endpoint", endpoint=str(endpoint),
-                          count=len(evicted))
+    def close(self) -> None:
+        self.stop_checks()
+        self.reactor.cancel(self.probe_timer)
+        for probe in list(self.probing) + list(self.health_checks.values()):
+            probe.cancel()
+        self.probing.clear()
+        self.health_checks.clear()
 
-    # -- status: /metrics, /health, /endpoints -----------------------------------------------------
 
-    def serve_status(self, sock: socket.socket) -> None:
-        self.status = StatusListener(self, sock)
-        self.status.start()
+class Gateway:
+    """The glue: the proxy port's connections, the health monitor and the status pages share one
+    endpoint pool; the gateway adds what spans them: discovery refresh, signals and shutdown."""
 
-    def status_page(self, path: str) -> bytes:
-        if path == "/metrics":
-            return http_response(200, "text/plain; version=0.0.4; charset=utf-8", self.render_metrics())
-        if path == "/health":
-            healthy = self.pool.any_usable()
-            body = b'{"health":"true"}' if healthy else b'{"health":"false"}'
-            return http_response(200 if healthy else 503, "application/json", body)
-        if path == "/endpoints":
-            return http_response(200, "application/json", self.render_endpoints())
-        return http_response(404, "text/plain", b"not found\n")
+    def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, options, tls_context=None):
+        self.reactor = reactor
+        self.pool = pool
+        self.log = log
+        self.shutdown_timeout = options.shutdown_timeout
+        self.stats = Stats()
+        self.health = HealthMonitor(reactor, pool, log, options, tls_context, self._evict)
+        self.connections = Connections(reactor, pool, log, self.stats, options.dial_timeout,
+                                       DataPath(splice_enabled()), self.health)
+        self.status = StatusPages(reactor, log, pool, self.stats, self.connections)
+        self.shutting_down = False
+        self.source = None
+        self.refreshing = False
+        self.refresh_timer = None
+        self.refresh_interval = 0.0
 
-    def render_endpoints(self) -> bytes:
-        rows = []
-        for health in self.pool.healths():
-            endpoint = health.endpoint
-            fields = [("endpoint", str(endpoint)), ("address", endpoint.dial_host), ("port", endpoint.port),
-                      ("up", health.up), ("healthy", health.healthy), ("priority", endpoint.priority),
-                      ("weight", endpoint.weight), ("secure", endpoint.secure),
-                      ("active_connections", health.active), ("dial_failures", health.dial_failures),
-                      ("last_error", health.last_error)]
-            rows.append("{" + ",".join("%s:%s" % (_json_string(k), _json_value(v)) for k, v in fields) + "}")
-        return ("[" + ",".join(rows) + "]\n").encode()
-
-    def render_metrics(self) -> bytes:
-        relays = list(self.relays)
-        to_upstream = self.stats["client_to_upstream"] + sum(relay.up.total for relay in relays)
-        to_client = self.stats["upstream_to_client"] + sum(relay.down.total for relay in relays)
-        healths = self.pool.healths()
-        out = MetricsText()
-        out.family("etcd_gateway_connections_total", "counter", "Client connections accepted.",
-                   [((), self.stats["connections_total"])])
-        out.family("etcd_gateway_active_connections", "gauge", "Client connections open now.",
-                   [((), len(relays))])
-        out.family("etcd_gateway_bytes_total", "counter", "Bytes relayed, by direction.",
-                   [((("direction", "client_to_upstream"),), to_upstream),
-                    ((("direction", "upstream_to_client"),), to_client)])
-        out.family("etcd_gateway_dial_failures_total", "counter", "Failed connects, by endpoint.",
-                   [((("endpoint", str(h.endpoint)),), h.dial_failures) for h in healths])
-        out.family("etcd_gateway_endpoint_up", "gauge", "1 when the endpoint is reachable and healthy.",
-                   [((("endpoint", str(h.endpoint)),), int(h.up and h.healthy)) for h in healths])
-        out.family("etcd_gateway_endpoint_active_connections", "gauge",
-                   "Relayed connections open now, by endpoint.",
-                   [((("endpoint", str(h.endpoint)),), h.active) for h in healths])
-        out.family("etcd_gateway_discovery_refreshes_total", "counter",
-                   "DNS discovery refreshes, by result.",
-                   [((("result", "ok"),), self.stats["refresh_ok"]),
-                    ((("result", "error"),), self.stats["refresh_error"])])
-        for name, help_text, value in read_process_gauges(self.start_wall):
-            out.family(name, "counter" if name.endswith("_total") else "gauge", help_text, [((), value)])
-        return out.render()
+    def _evict(self, endpoint: ep.Endpoint) -> int:
+        return self.connections.evict(endpoint)
 
     # -- discovery refresh (--discovery-refresh, SIGHUP) -------------------------------------------
 
@@ -2004,24 +2261,24 @@ class Gateway:
         if error is None:
             endpoints = self._without_self(endpoints)
         if error is not None or not endpoints:
-            self.stats["refresh_error"] += 1
+            self.stats.refresh_error += 1
             self.log.limited("warn", "refresh:" + str(error), 60.0,
                              "endpoint refresh failed, keeping the last good set",
                              reason=error or "no endpoints",
                              endpoints=[str(e) for e in self.pool.endpoints])
         else:
-            self.stats["refresh_ok"] += 1
+            self.stats.refresh_ok += 1
             self.apply_endpoints(endpoints)
         self._arm_refresh()
 
     def _without_self(self, endpoints):
-        if self.listener is None:
+        address = self.connections.listen_address()
+        if address is None:
             return endpoints
-        host, port = self.listener.sock.getsockname()[:2]
         kept = []
         for endpoint in endpoints:
             try:
-                check_not_self([endpoint], host, port)
+                check_not_self([endpoint], *address)
                 kept.append(endpoint)
             except ConfigError as exc:
                 self.log.warn("ignoring discovered endpoint", reason=str(exc))
@@ -2045,40 +2302,18 @@ class Gateway:
         if self.shutting_down:
             return
         self.shutting_down = True
-        name = signal.Signals(signum).name
-        self.log.info("shutting down", signal=name, active=len(self.relays),
+        self.log.info("shutting down", signal=signal.Signals(signum).name,
+                      active=self.connections.count(),
                       shutdown_timeout=format_duration(self.shutdown_timeout))
         sd_notify("STOPPING=1")
-        if self.listener is not None:
-            self.listener.stop()
-            self.listener = None
-        if not self.relays:
-            self.reactor.stop()
-            return
-        self.reactor.call_later(self.shutdown_timeout, self._shutdown_expired)
-
-    def _shutdown_expired(self) -> None:
-        if self.relays:
-            self.log.warn("shutdown timeout: closing open connections", active=len(self.relays))
-        for relay in list(self.relays):
-            relay.abort()
-        self.reactor.stop()
+        self.health.stop_checks()
+        self.connections.stop_accepting()
+        self.connections.drain(self.shutdown_timeout, self.reactor.stop)
 
     def close(self) -> None:
-        for relay in list(self.relays):
-            relay.abort()
-        for probe in list(self.probing) + list(self.health_checks.values()):
-            probe.cancel()
-        self.probing.clear()
-        self.health_checks.clear()
-        if self.status is not None:
-            self.status.close()
-            self.status = None
-        if self.pipes is not None:
-            self.pipes.close()
-        if self.listener is not None:
-            self.listener.stop()
-            self.listener = None
+        self.connections.close()
+        self.health.close()
+        self.status.close()
 
 
 # =================================================================================== start-up ==
@@ -2196,7 +2431,7 @@ def run(options, log: Log) -> int:
     if not options.endpoints and not options.discovery_srv:
         raise ConfigError("no endpoints: give --endpoints or --discovery-srv")
     raise_open_file_limit()
-    reactor = Reactor(log=log, busy_poll=options.busy_poll)
+    reactor = Reactor(log=log, busy_poll=BusyPoll(options.busy_poll) if options.busy_poll else None)
     try:
         return serve(reactor, options, log)
     finally:
@@ -2218,10 +2453,10 @@ def serve(reactor: Reactor, options, log: Log) -> int:
     gateway = Gateway(reactor, pool, log, options, tls_context)
     log.info("starting etcd-gateway", version=VERSION, python=sys.version.split()[0], pid=os.getpid())
     try:
-        gateway.listen(listener_sock)
+        gateway.connections.listen(listener_sock)
         if status_sock is not None:
-            gateway.serve_status(status_sock)
-        gateway.start_health_checks()
+            gateway.status.serve(status_sock)
+        gateway.health.start()
         if source.dynamic:
             gateway.start_refreshes(source, options.discovery_refresh)
         # Always handled: `systemctl reload` must never kill a gateway with only IP endpoints.

@@ -196,7 +196,7 @@ def lone(handler, fd=3):
 
 def busy_reactor(clock, limit, conversation="relay"):
     """A reactor with busy polling that has learnt a short gap in one lone conversation."""
-    reactor = gateway.Reactor(clock=clock, busy_poll=limit)
+    reactor = gateway.Reactor(clock=clock, busy_poll=gateway.BusyPoll(limit))
     for _ in range(2):
         reactor._wait(ScriptedSelect(clock, [(limit * 0.8, lone(conversation))]), None)
     return reactor
@@ -213,7 +213,7 @@ def test_without_busy_poll_one_sleeping_select():
 
 def test_busy_poll_learns_a_short_gap_then_catches_the_next_one_spinning():
     clock = FakeClock()
-    reactor = gateway.Reactor(clock=clock, busy_poll=100e-6)
+    reactor = gateway.Reactor(clock=clock, busy_poll=gateway.BusyPoll(100e-6))
     for _ in range(2):  # the first lone batch starts a conversation, the second continues it
         first = ScriptedSelect(clock, [(40e-6, lone("relay"))])
         assert reactor._wait(first, None) == lone("relay")
@@ -261,7 +261,7 @@ def test_busy_poll_learns_the_gap_after_each_descriptor_apart():
     """Request/response: the backend answers at once, the client pauses before its next request.
     Spin for the answer (after the client's event), sleep through the pause (after the backend's)."""
     clock = FakeClock()
-    reactor = gateway.Reactor(clock=clock, busy_poll=50e-6)
+    reactor = gateway.Reactor(clock=clock, busy_poll=gateway.BusyPoll(50e-6))
     client, backend = 5, 6
     timeouts = []
     for _ in range(4):
