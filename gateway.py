@@ -77,6 +77,10 @@ MAX_BUSY_POLL_SECONDS = 0.001
 # Long enough to catch a loopback backend's answer (tens of microseconds); every missed spin costs
 # the whole limit (one client with 1 ms think time: +13 % CPU per request at 50us, >= +50 % at 100us).
 DEFAULT_BUSY_POLL_SECONDS = 50e-6
+# The whole connect budget of a client (and of a probe): Linux sends SYNs at 0, 1, 3 and 7 s, so
+# 8 s lets four of them try. At 10 % loss each way a handshake try fails 19 % of the time: three
+# tries (a 5 s budget) leave 1 client in 145 without an upstream, four leave 1 in 770.
+DEFAULT_CONNECT_TIMEOUT = 8.0
 LOCAL_RETRY_TIMEOUT = 30.0  # how long an accepted client may wait for a descriptor to dial with
 KEEPALIVE_SECONDS = 15  # the Go gateway's net.Dialer/ListenConfig default
 LISTEN_BACKLOG = 4096
@@ -291,7 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CA file for verifying the discovered TLS endpoints")
     ext = start.add_argument_group("extensions (not in the Go gateway)")
     ext.add_argument("--dial-timeout", type=_positive_duration_arg, default=1.0, metavar="DURATION",
-                     help="upstream connect timeout (default 1s)")
+                     help="how long one connect may go unanswered before the next endpoint is "
+                          "tried alongside it (default 1s)")
+    ext.add_argument("--connect-timeout", type=_positive_duration_arg, default=DEFAULT_CONNECT_TIMEOUT,
+                     metavar="DURATION",
+                     help="how long a client may wait for any upstream connect, and how long a "
+                          "probe may wait for its connect (default 8s: four SYNs, at 0, 1, 3 and 7 s)")
     ext.add_argument("--policy", choices=ep.POLICIES, default="sticky",
                      help="sticky: one endpoint until it fails; round-robin: the next one for "
                           "every connection (default sticky)")
@@ -322,7 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]]):
-    options = build_parser().parse_args(argv)
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    if options.connect_timeout < options.dial_timeout:
+        parser.error("--connect-timeout (%s) must be at least --dial-timeout (%s)"
+                     % (format_duration(options.connect_timeout), format_duration(options.dial_timeout)))
     options.endpoints_given = options.endpoints is not None
     if options.endpoints is None:
         options.endpoints = [ep.parse_endpoint("127.0.0.1:2379")]
@@ -622,6 +635,10 @@ def sockaddr_for(host: str, port: int):
 # ======================================================================================= dial ==
 
 LOCAL_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# connect() failing for a reason of this host's, not the member's: out of descriptors or
+# buffers, or out of ephemeral ports (EADDRNOTAVAIL; EAGAIN on older kernels and for some
+# socket families). Such a failure never marks an endpoint down.
+DIAL_LOCAL_ERRNOS = LOCAL_ERRNOS + (errno.EADDRNOTAVAIL, errno.EAGAIN)
 
 
 class Dial:
@@ -631,10 +648,12 @@ class Dial:
     once). `local_failure` is set when the failure was ours (out of descriptors), not the
     endpoint's."""
 
-    def __init__(self, reactor: Reactor, endpoint: ep.Endpoint, timeout: float, on_done):
+    def __init__(self, reactor: Reactor, endpoint: ep.Endpoint, timeout: float, on_done,
+                 budget: Optional[float] = None):
         self.reactor = reactor
         self.endpoint = endpoint
         self.timeout = timeout
+        self.budget = budget or timeout  # the bound to name when it runs out (the client's whole)
         self.on_done = on_done
         self.sock = None
         self.timer = None
@@ -651,17 +670,18 @@ class Dial:
                 sock.setblocking(False)  # no SOCK_NONBLOCK here: one more system call
             code = sock.connect_ex(address)
         except OSError as exc:
-            self.local_failure = exc.errno in LOCAL_ERRNOS
+            self.local_failure = exc.errno in DIAL_LOCAL_ERRNOS
             self._finish(None, error_reason(exc))
             return
         if code == 0 or (code == errno.EINPROGRESS and is_connected(sock)):
             # On loopback the handshake completes inside connect(): skip a trip through the
             # selector (register, wait, SO_ERROR, unregister) and the dial timer.
             self._finish(sock, None)
-        elif code in (errno.EINPROGRESS, errno.EAGAIN):
+        elif code == errno.EINPROGRESS:
             self.reactor.register(sock, EVENT_WRITE, self)
             self.timer = self.reactor.call_later(self.timeout, self._timed_out)
         else:
+            self.local_failure = code in DIAL_LOCAL_ERRNOS
             self._finish(None, os.strerror(code).lower())
 
     def handle_io(self, sock, mask):
@@ -673,6 +693,7 @@ class Dial:
         if code == 0:
             self._finish(sock, None)
         else:
+            self.local_failure = code in DIAL_LOCAL_ERRNOS
             self._finish(None, os.strerror(code).lower())
 
     def handle_failure(self, exc):
@@ -681,7 +702,11 @@ class Dial:
 
     def _timed_out(self):
         self.reactor.unregister(self.sock)
-        self._finish(None, "dial timeout after " + format_duration(self.timeout))
+        self._finish(None, "connect timeout after " + format_duration(self.budget))
+
+    def hand_over(self, on_done) -> None:
+        """Report the outcome to `on_done` instead (the attempt outlived the relay that began it)."""
+        self.on_done = on_done
 
     def _finish(self, sock, reason):
         if sock is None and self.sock is not None:
@@ -824,12 +849,15 @@ class RelayHost:
     in a test). A relay plans with it, reports to it, and takes its shared resources from it;
     it never sees the endpoint pool, the listener or the gateway.
 
-    Attributes: `reactor` (Reactor), `data` (DataPath), `dial_timeout` (seconds).
+    Attributes: `reactor` (Reactor), `data` (DataPath), `dial_timeout` (seconds an attempt may
+    go unanswered before the next endpoint is tried alongside it), `connect_timeout` (seconds a
+    client may wait for any attempt to connect).
     """
 
     reactor: Reactor
     data: DataPath
     dial_timeout: float
+    connect_timeout: float
 
     def plan(self) -> List[ep.Endpoint]:
         """The endpoints to try for a new client, best first (the policy's current choice)."""
@@ -840,6 +868,12 @@ class RelayHost:
 
     def dial_failed(self, endpoint: ep.Endpoint, reason: str) -> None:
         """A dial to `endpoint` failed for a reason that is the endpoint's (or the network's)."""
+
+    def attempt_outlived(self, dial: Dial) -> None:
+        """Another attempt won while `dial` was still connecting: its outcome is the host's now
+        (see Dial.hand_over), so that a member that never answers is found out, and a slow one
+        is not blamed."""
+        dial.cancel()
 
     def local_fault(self, relay: "Relay", reason: str, giving_up: bool) -> None:
         """A dial failed for a reason of ours (out of descriptors): the client waits and the
@@ -872,7 +906,9 @@ class Relay:
         self.plan = None
         self.tried = set()
         self.endpoint = None
-        self.dial = None
+        self.attempts = []  # Dials in flight, oldest first
+        self.connect_deadline = 0.0
+        self.stagger_timer = None
         self.retry_timer = None
         self.started = self.reactor.clock()
         self.up = Flow()  # client to upstream
@@ -893,44 +929,69 @@ class Relay:
 
     def start(self) -> None:
         self.plan = self.host.plan()
-        self._dial_next()
+        self.connect_deadline = self.started + self.host.connect_timeout
+        self._attempt_next()
 
-    def _wait_for_descriptor(self, reason: str) -> None:
-        """Out of descriptors is our problem, not the endpoint's: keep the client waiting (it has
-        sent nothing we read) and dial the same endpoint again shortly, for a bounded time."""
+    def _attempt_next(self) -> None:
+        """Start a connect to the next endpoint of the plan. The earlier attempts go on (racing,
+        as in RFC 8305): the first to connect wins. Each is bounded by what is left of the
+        client's --connect-timeout; if it is still unanswered after --dial-timeout, the next
+        endpoint is tried alongside it."""
+        if self.state is not DIALING:
+            return
+        self.reactor.cancel(self.stagger_timer)
+        self.stagger_timer = None
+        remaining = self.connect_deadline - self.reactor.clock()
+        if not self.plan or remaining <= 0:
+            if not self.attempts:
+                self.host.no_upstream(self)
+                self._close()
+            return
+        endpoint = self.plan.pop(0)
+        self.tried.add(endpoint.key)
+        dial = Dial(self.reactor, endpoint, remaining, self._dialed, self.host.connect_timeout)
+        self.attempts.append(dial)
+        dial.start()
+        if self.state is DIALING:  # not connected at once (the loopback fast path)
+            self.reactor.cancel(self.stagger_timer)  # one armed by a failure inside start()
+            self.stagger_timer = self.reactor.call_later(self.host.dial_timeout, self._attempt_next)
+
+    def _wait_for_descriptor(self, endpoint: ep.Endpoint, reason: str) -> None:
+        """Out of descriptors or ports is our problem, not the endpoint's: keep the client waiting
+        (it has sent nothing we read) and try the same endpoint again shortly, for a bounded time."""
         if self.reactor.clock() - self.started > LOCAL_RETRY_TIMEOUT:
             self.host.local_fault(self, reason, giving_up=True)
             self._close(reset=True)
             return
         self.host.local_fault(self, reason, giving_up=False)
-        self.plan.insert(0, self.endpoint)
-        self.tried.discard(self.endpoint.key)
-        self.retry_timer = self.reactor.call_later(ACCEPT_PAUSE_DELAY, self._dial_next)
-
-    def _dial_next(self) -> None:
-        if self.state is not DIALING:
-            return
-        if not self.plan:
-            self.host.no_upstream(self)
-            self._close()
-            return
-        self.endpoint = self.plan.pop(0)
-        self.tried.add(self.endpoint.key)
-        self.dial = Dial(self.reactor, self.endpoint, self.host.dial_timeout, self._dialed)
-        self.dial.start()
+        self.plan.insert(0, endpoint)
+        self.tried.discard(endpoint.key)
+        # A fresh connect budget: the wait was ours, not the network's.
+        self.connect_deadline = self.reactor.clock() + ACCEPT_PAUSE_DELAY + self.host.connect_timeout
+        self.retry_timer = self.reactor.call_later(ACCEPT_PAUSE_DELAY, self._attempt_next)
 
     def _dialed(self, dial: Dial, sock, reason) -> None:
-        self.dial = None
-        if sock is None and dial.local_failure:
-            self._wait_for_descriptor(reason)
-            return
-        if sock is None:
-            self.host.dial_failed(self.endpoint, reason)
+        self.attempts.remove(dial)
+        if sock is not None:
+            self._connected(dial.endpoint, sock)
+        elif dial.local_failure:
+            if not self.attempts:
+                self._wait_for_descriptor(dial.endpoint, reason)
+        else:
+            self.host.dial_failed(dial.endpoint, reason)
             # Plan again: after a failure the policy chooses anew (sticky's next endpoint serves
-            # this client too), and endpoints already tried are not tried twice.
+            # this client too), and endpoints already tried are not tried twice. A failure moves
+            # on at once; only slowness waits for --dial-timeout.
             self.plan = [e for e in self.host.plan() if e.key not in self.tried]
-            self._dial_next()
-            return
+            self._attempt_next()
+
+    def _connected(self, endpoint: ep.Endpoint, sock) -> None:
+        self.reactor.cancel(self.stagger_timer)
+        self.stagger_timer = None
+        for loser in self.attempts:
+            self.host.attempt_outlived(loser)
+        self.attempts = []
+        self.endpoint = endpoint
         self.upstream_sock = sock
         try:
             tune_stream(sock)
@@ -1111,9 +1172,10 @@ class Relay:
             return
         was_relaying = self.state is RELAYING
         self.state = CLOSED
-        if self.dial is not None:
-            self.dial.cancel()
-            self.dial = None
+        for dial in self.attempts:
+            dial.cancel()
+        self.attempts = []
+        self.reactor.cancel(self.stagger_timer)
         self.reactor.cancel(self.retry_timer)
         for sock, mask in ((self.client_sock, self.client_mask), (self.upstream_sock, self.upstream_mask)):
             if sock is None:
@@ -1156,16 +1218,19 @@ class ProbePhase(enum.Enum):
 
 class Probe:
     """Connect, optionally complete a TLS handshake, optionally send `request` and read the reply
-    until EOF; non-blocking and bounded by one timeout. `start()` begins it; `on_done(probe, ok,
+    until EOF; non-blocking. The connect is bounded by `connect_timeout` (default: `timeout`),
+    what follows it by `timeout`. `start()` begins it; `on_done(probe, ok,
     reply, reason)` is called exactly once unless cancelled, possibly from within `start()`.
     Used for TCP probes, TLS validation and etcd /health checks. `connected` says whether the
     TCP connect succeeded; `local_failure` whether the failure was ours (out of descriptors)."""
 
     def __init__(self, reactor: Reactor, endpoint: ep.Endpoint, timeout: float, on_done,
-                 tls_context=None, server_hostname: str = "", request: bytes = b""):
+                 tls_context=None, server_hostname: str = "", request: bytes = b"",
+                 connect_timeout: Optional[float] = None):
         self.reactor = reactor
         self.endpoint = endpoint
         self.timeout = timeout
+        self.connect_timeout = connect_timeout or timeout
         self.on_done = on_done
         self.tls_context = tls_context
         self.server_hostname = server_hostname or endpoint.host
@@ -1184,9 +1249,7 @@ class Probe:
         return "<Probe %s %s>" % (self.endpoint, self.phase.value)
 
     def start(self) -> None:
-        self.timer = self.reactor.call_later(self.timeout, self._finish, False,
-                                             "timeout after " + format_duration(self.timeout))
-        self.dial = Dial(self.reactor, self.endpoint, self.timeout, self._connected)
+        self.dial = Dial(self.reactor, self.endpoint, self.connect_timeout, self._connected)
         self.dial.start()
 
     def _connected(self, dial, sock, reason) -> None:
@@ -1197,6 +1260,8 @@ class Probe:
             return
         self.sock = sock
         self.connected = True
+        self.timer = self.reactor.call_later(self.timeout, self._finish, False,
+                                             "timeout after " + format_duration(self.timeout))
         if self.tls_context is not None:
             self.phase = ProbePhase.HANDSHAKE
             self.sock = self.tls_context.wrap_socket(sock, server_hostname=self.server_hostname,
@@ -1952,13 +2017,14 @@ class Connections(RelayHost):
     questions (the plan, the shared buffers) and books their reports into the endpoint pool, the
     counters and the log. It drains them on shutdown. The RelayHost of every relay."""
 
-    def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, stats: Stats, dial_timeout: float,
+    def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, stats: Stats, options,
                  data: DataPath, health: "HealthMonitor"):
         self.reactor = reactor
         self.pool = pool
         self.log = log
         self.stats = stats
-        self.dial_timeout = dial_timeout
+        self.dial_timeout = options.dial_timeout
+        self.connect_timeout = options.connect_timeout
         self.data = data
         self.health = health
         self.plan = pool.plan  # RelayHost.plan: the policy's choice, straight from the pool
@@ -2006,6 +2072,9 @@ class Connections(RelayHost):
 
     def dial_failed(self, endpoint: ep.Endpoint, reason: str) -> None:
         self.health.endpoint_failed(endpoint, reason)
+
+    def attempt_outlived(self, dial: Dial) -> None:
+        self.health.adopt(dial)
 
     def local_fault(self, relay: Relay, reason: str, giving_up: bool) -> None:
         if giving_up:
@@ -2107,12 +2176,13 @@ class HealthMonitor:
         self.pool = pool
         self.log = log
         self.dial_timeout = options.dial_timeout
+        self.connect_timeout = options.connect_timeout
         self.health_check = options.health_check
         self.health_interval = options.health_interval
         self.tls_context = tls_context
         self.evict = evict
         self.probe_timer = None
-        self.probing = set()
+        self.probing = {}  # endpoint key -> the Dial probing it
         self.check_timer = None
         self.health_checks = {}
 
@@ -2140,20 +2210,38 @@ class HealthMonitor:
     def _run_probes(self) -> None:
         self.probe_timer = None
         for endpoint in self.pool.due_probes(self.reactor.clock()):
-            dial = Dial(self.reactor, endpoint, self.dial_timeout, self._probed)
-            self.probing.add(dial)
+            if endpoint.key in self.probing:
+                continue  # an attempt is still out there; its outcome will tell
+            # Bounded like a client's connect: a lost SYN must not keep a reachable member down.
+            dial = Dial(self.reactor, endpoint, self.connect_timeout, self._probed)
+            self.probing[endpoint.key] = dial
             dial.start()
         self._schedule_probe()
 
+    def adopt(self, dial: Dial) -> None:
+        """A client's connect attempt that another attempt beat: let it go on as a probe of its
+        endpoint (one per endpoint), so that a member that never answers is taken out and a
+        slow one is not."""
+        if dial.endpoint.key in self.probing or not self.pool.contains(dial.endpoint):
+            dial.cancel()
+            return
+        self.probing[dial.endpoint.key] = dial
+        dial.hand_over(self._probed)
+
     def _probed(self, dial: Dial, sock, reason) -> None:
-        self.probing.discard(dial)
+        endpoint = dial.endpoint
+        if self.probing.get(endpoint.key) is dial:
+            del self.probing[endpoint.key]
         if sock is not None:
             sock.close()
-            if self.pool.mark_up(dial.endpoint):
-                self.log.info("endpoint up", endpoint=str(dial.endpoint), reason="probe succeeded")
-        else:
-            self.pool.mark_failed(dial.endpoint, self.reactor.clock(), reason)
+            if self.pool.mark_up(endpoint):
+                self.log.info("endpoint up", endpoint=str(endpoint), reason="connect succeeded")
+        elif dial.local_failure:
+            self.log.limited("warn", "probe-local", 5.0, "cannot probe endpoint: a local fault, "
+                             "not the endpoint's", endpoint=str(endpoint), reason=reason)
             self._schedule_probe()
+        else:
+            self.endpoint_failed(endpoint, reason)
 
     # -- etcd-aware health checks (--health-check etcd) ----------------------------------------------
 
@@ -2169,10 +2257,11 @@ class HealthMonitor:
         timeout = max(self.dial_timeout, min(self.health_interval, 5.0))
         for endpoint in self.pool.endpoints:
             if endpoint.key in self.health_checks:
-                continue  # the previous check is still running; it is bounded by its timeout
+                continue  # the previous check is still running; it is bounded by its timeouts
             probe = Probe(self.reactor, endpoint, timeout, self._health_checked,
                           tls_context=self.tls_context if endpoint.secure else None,
-                          server_hostname=endpoint.tls_name, request=health_request(endpoint))
+                          server_hostname=endpoint.tls_name, request=health_request(endpoint),
+                          connect_timeout=self.connect_timeout)
             self.health_checks[endpoint.key] = probe
             probe.start()
         self.check_timer = self.reactor.call_later(self.health_interval, self._run_health_checks)
@@ -2180,6 +2269,10 @@ class HealthMonitor:
     def _health_checked(self, probe: Probe, ok: bool, reply: bytes, reason: str) -> None:
         endpoint = probe.endpoint
         self.health_checks.pop(endpoint.key, None)
+        if probe.local_failure:
+            self.log.limited("warn", "health-check-local", 5.0, "cannot check endpoint: a local "
+                             "fault, not the endpoint's", endpoint=str(endpoint), reason=reason)
+            return
         if not probe.connected and self.pool.contains(endpoint):
             self.endpoint_failed(endpoint, reason)  # unreachable, not merely unhealthy
         elif probe.connected and self.pool.mark_up(endpoint):
@@ -2201,7 +2294,7 @@ class HealthMonitor:
     def close(self) -> None:
         self.stop_checks()
         self.reactor.cancel(self.probe_timer)
-        for probe in list(self.probing) + list(self.health_checks.values()):
+        for probe in list(self.probing.values()) + list(self.health_checks.values()):
             probe.cancel()
         self.probing.clear()
         self.health_checks.clear()
@@ -2218,7 +2311,7 @@ class Gateway:
         self.shutdown_timeout = options.shutdown_timeout
         self.stats = Stats()
         self.health = HealthMonitor(reactor, pool, log, options, tls_context, self._evict)
-        self.connections = Connections(reactor, pool, log, self.stats, options.dial_timeout,
+        self.connections = Connections(reactor, pool, log, self.stats, options,
                                        DataPath(splice_enabled()), self.health)
         self.status = StatusPages(reactor, log, pool, self.stats, self.connections)
         self.shutting_down = False

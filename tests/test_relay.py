@@ -294,8 +294,10 @@ def test_refused_endpoint_then_next_one_serves(gateways, echo, policy):
 @pytest.mark.parametrize("policy", ["round-robin", "sticky"])
 def test_blackholed_endpoint_first_client_served_within_2s(gateways, echo, policy):
     with Blackhole() as hole:
+        # The attempt that the echo endpoint beat goes on as a probe until --connect-timeout:
+        # only then is the blackholed endpoint known to be down.
         gateway = gateways([hole.endpoint, echo.endpoint], "--dial-timeout=500ms",
-                           f"--policy={policy}")
+                           "--connect-timeout=2s", f"--policy={policy}")
         for attempt in range(2):
             started = time.monotonic()
             assert ping(gateway.address, b"x") == b"x"
@@ -304,6 +306,37 @@ def test_blackholed_endpoint_first_client_served_within_2s(gateways, echo, polic
         if policy == "round-robin":
             assert gateway.log.wait_for(endpoint_event("endpoint down", hole.endpoint), 5), \
                 gateway.log.text()
+
+
+def test_one_slow_endpoint_is_waited_for_past_the_dial_timeout(gateways):
+    """A SYN that goes unanswered (a full accept queue drops it, as a lossy link would) is sent
+    again by the kernel after 1 s. With one endpoint, the attempt goes on to --connect-timeout
+    instead of being abandoned at --dial-timeout, and the slow endpoint is not marked down."""
+    with Blackhole() as hole:
+        gateway = gateways([hole.endpoint], "--dial-timeout=200ms", "--connect-timeout=5s")
+        with connect(gateway.address) as client:
+            time.sleep(0.5)  # the subject: the gateway's first SYN stays unanswered for a while
+            hole.release()
+            upstream = hole.accept_next(timeout=5.0)
+            assert upstream is not None, gateway.log.text()
+            with upstream:
+                client.sendall(b"slow but there")
+                assert recv_exactly(upstream, 14) == b"slow but there"
+                upstream.sendall(b"ok")
+                assert recv_exactly(client, 2) == b"ok"
+        assert "endpoint down" not in gateway.log.text()
+
+
+def test_no_answer_within_the_connect_timeout_closes_the_client_and_marks_the_endpoint(gateways):
+    with Blackhole() as hole:
+        gateway = gateways([hole.endpoint], "--dial-timeout=200ms", "--connect-timeout=1s")
+        started = time.monotonic()
+        with connect(gateway.address) as client:
+            assert how_closed(client) in ("eof", "reset")
+        elapsed = time.monotonic() - started
+        assert 0.9 < elapsed < 3.0, f"client closed after {elapsed:.2f}s"
+        line = gateway.log.wait_for(endpoint_event("endpoint down", hole.endpoint), 5)
+        assert line and "connect timeout after 1s" in line, gateway.log.text()
 
 
 def test_all_endpoints_failed_clients_not_held_and_each_endpoint_tried(gateways):

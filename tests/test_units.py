@@ -282,3 +282,12 @@ def test_busy_poll_never_spins_past_a_due_timer():
     reactor._wait(select, 50e-6)
     assert select.timeouts.count(0) <= 6 and select.timeouts[-1] == 0.0
     reactor.close()
+
+
+def test_connect_timeout_defaults_to_four_syns_and_may_not_undercut_the_dial_timeout(capsys):
+    options = gateway.parse_args(["start"])
+    assert (options.dial_timeout, options.connect_timeout) == (1.0, 8.0)
+    with pytest.raises(SystemExit) as exited:
+        gateway.parse_args(["start", "--dial-timeout=2s", "--connect-timeout=1s"])
+    assert exited.value.code == 2
+    assert "--connect-timeout (1s) must be at least --dial-timeout (2s)" in capsys.readouterr().err

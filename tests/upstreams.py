@@ -133,6 +133,26 @@ class Blackhole:
             self.fillers.append(filler)
         raise RuntimeError(f"accept queue still not full after {self.MAX_FILLERS} connections")
 
+    def release(self):
+        """Accept what the queue holds, so that the next SYN (a retransmission) finds room."""
+        self.sock.setblocking(False)
+        while True:
+            try:
+                accepted, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            self.fillers.append(accepted)
+
+    def accept_next(self, timeout):
+        """The next connection to arrive after release(), or None after `timeout` seconds."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.sock, selectors.EVENT_READ)
+            if not sel.select(timeout):
+                return None
+        accepted, _ = self.sock.accept()
+        accepted.setblocking(True)
+        return accepted
+
     def close(self):
         for filler in self.fillers:
             filler.close()
