@@ -939,8 +939,9 @@ class Relay:
         endpoint is tried alongside it."""
         if self.state is not DIALING:
             return
-        self.reactor.cancel(self.stagger_timer)
-        self.stagger_timer = None
+        if self.stagger_timer is not None:
+            self.reactor.cancel(self.stagger_timer)
+            self.stagger_timer = None
         remaining = self.connect_deadline - self.reactor.clock()
         if not self.plan or remaining <= 0:
             if not self.attempts:
@@ -986,11 +987,12 @@ class Relay:
             self._attempt_next()
 
     def _connected(self, endpoint: ep.Endpoint, sock) -> None:
-        self.reactor.cancel(self.stagger_timer)
-        self.stagger_timer = None
-        for loser in self.attempts:
-            self.host.attempt_outlived(loser)
-        self.attempts = []
+        if self.attempts:  # the losers of a race
+            self.reactor.cancel(self.stagger_timer)
+            self.stagger_timer = None
+            for loser in self.attempts:
+                self.host.attempt_outlived(loser)
+            self.attempts = []
         self.endpoint = endpoint
         self.upstream_sock = sock
         try:
@@ -1385,6 +1387,10 @@ def parse_health_reply(reply: bytes):
 
 STATUS_MAX_REQUEST_BYTES = 8192
 STATUS_REQUEST_TIMEOUT = 5.0
+# Status clients at once: each holds a descriptor that the proxy may need. One more makes the
+# oldest go, so a crowd of silent clients can neither eat descriptors nor keep a scrape waiting.
+STATUS_MAX_CONNECTIONS = 16
+STATUS_DRAIN_BYTES = 64 * 1024  # read (and drop) after the reply, so that close() sends no reset
 HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
                 503: "Service Unavailable"}
 
@@ -1431,6 +1437,8 @@ class BatchAcceptor:
                     continue  # the client gave up in the backlog
                 raise
             self.accepted(client_sock, peer)
+            if self.paused:
+                return
 
     def accepted(self, client_sock: socket.socket, peer) -> None:
         raise NotImplementedError
@@ -1468,13 +1476,18 @@ class StatusListener(BatchAcceptor):
         super().__init__(reactor, sock)
         self.log = log
         self.pages = pages
-        self.connections = set()
+        self.connections = {}  # StatusConnection -> None, oldest first
 
     def accepted(self, client_sock: socket.socket, peer) -> None:
         client_sock.setblocking(False)
+        if len(self.connections) >= STATUS_MAX_CONNECTIONS:
+            next(iter(self.connections)).close()
         connection = StatusConnection(self, client_sock)
-        self.connections.add(connection)
+        self.connections[connection] = None
         connection.start()
+
+    def connection_closed(self, connection: "StatusConnection") -> None:
+        self.connections.pop(connection, None)
 
     def exhausted(self, reason: str) -> None:
         self.log.limited("warn", "status-accept-exhausted", 5.0, "status accept paused", reason=reason)
@@ -1490,7 +1503,9 @@ class StatusListener(BatchAcceptor):
 
 class StatusConnection:
     """One HTTP/1.x request and its response. A request over 8 KiB or slower than 5 s is dropped,
-    so a client of this port cannot hold the gateway's memory or descriptors for long."""
+    so a client of this port cannot hold the gateway's memory or descriptors for long. After the
+    reply, the write side is shut and what the client still sends is read and dropped until its
+    EOF (bounded), so that unread bytes do not turn the close into a reset that loses the reply."""
 
     def __init__(self, listener: StatusListener, sock: socket.socket):
         self.listener = listener
@@ -1498,6 +1513,8 @@ class StatusConnection:
         self.sock = sock
         self.request = bytearray()
         self.response = b""
+        self.replied = False
+        self.drained = 0
         self.timer = None
 
     def __repr__(self):
@@ -1514,11 +1531,11 @@ class StatusConnection:
             self._send()
             return
         chunk = sock.recv(4096)
-        if not chunk:
-            self.close()
+        if not chunk or self.replied:
+            self._drop(chunk)
             return
         self.request += chunk
-        if b"\r\n\r\n" in self.request:
+        if b"\n\r\n" in self.request or b"\n\n" in self.request:  # a bare LF ends lines too
             self.response = self.listener.pages.respond(bytes(self.request))
             self.reactor.modify(sock, EVENT_WRITE, self)
             self._send()
@@ -1532,6 +1549,14 @@ class StatusConnection:
             return
         self.response = self.response[sent:]
         if not self.response:
+            self.replied = True
+            self.sock.shutdown(socket.SHUT_WR)
+            self.reactor.modify(self.sock, EVENT_READ, self)
+
+    def _drop(self, chunk: bytes) -> None:
+        """After the reply: read to the client's EOF, dropping what comes, up to a bound."""
+        self.drained += len(chunk)
+        if not chunk or self.drained > STATUS_DRAIN_BYTES:
             self.close()
 
     def handle_failure(self, exc) -> None:
@@ -1544,7 +1569,7 @@ class StatusConnection:
         self.reactor.unregister(self.sock)
         self.sock.close()
         self.sock = None
-        self.listener.connections.discard(self)
+        self.listener.connection_closed(self)
 
 
 class Stats:
@@ -1572,6 +1597,7 @@ class StatusPages:
         self.connections = connections
         self.start_wall = time.time()
         self.listener = None
+        self.draining = False  # shutting down: /health says so, so that a balancer moves on
 
     def serve(self, sock: socket.socket) -> None:
         self.listener = StatusListener(self.reactor, self.log, sock, self)
@@ -1583,7 +1609,7 @@ class StatusPages:
             self.listener = None
 
     def respond(self, request: bytes) -> bytes:
-        parts = request.split(b"\r\n", 1)[0].split()
+        parts = request.split(b"\n", 1)[0].split()
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
             return http_response(400, "text/plain", b"bad request\n")
         if parts[0] != b"GET":
@@ -1594,6 +1620,9 @@ class StatusPages:
         if path == "/metrics":
             return http_response(200, "text/plain; version=0.0.4; charset=utf-8", self.render_metrics())
         if path == "/health":
+            if self.draining:
+                return http_response(503, "application/json",
+                                     b'{"health":"false","reason":"shutting down"}')
             healthy = self.pool.any_usable()
             body = b'{"health":"true"}' if healthy else b'{"health":"false"}'
             return http_response(200 if healthy else 503, "application/json", body)
@@ -1850,20 +1879,35 @@ class EndpointSource:
             conf = conf._replace(nameservers=self.options.dns_server)
         return conf, dnssrv.load_hosts(self.hosts_path)
 
+    def _dns_config_or_report(self, on_done):
+        """The DNS configuration, or None after telling `on_done` why it cannot be read."""
+        try:
+            return self._dns_config()
+        except (OSError, UnicodeError) as exc:
+            on_done(None, "cannot read the DNS configuration (%s, %s): %s"
+                    % (self.resolv_conf_path, self.hosts_path, error_reason(exc)))
+            return None
+
     def refresh(self, on_done) -> None:
-        conf, hosts = self._dns_config()
-        now, rng = self.reactor.clock(), random.SystemRandom()
-        if self.use_srv:
-            names = dnssrv.srv_names(self.options.discovery_srv, self.options.discovery_srv_name)
-            machine = dnssrv.SRVDiscovery(names, conf, rng, now, hosts)
-            self.pending.append(DnsDriver(self.reactor, machine, lambda m: _guarded(
-                on_done, self._srv_done, m, names, on_done)))
-        else:
+        if not self.use_srv:
             self.resolve_static(on_done)
+            return
+        config = self._dns_config_or_report(on_done)
+        if config is None:
+            return
+        conf, hosts = config
+        now, rng = self.reactor.clock(), random.SystemRandom()
+        names = dnssrv.srv_names(self.options.discovery_srv, self.options.discovery_srv_name)
+        machine = dnssrv.SRVDiscovery(names, conf, rng, now, hosts)
+        self.pending.append(DnsDriver(self.reactor, machine, lambda m: _guarded(
+            on_done, self._srv_done, m, names, on_done)))
 
     def resolve_static(self, on_done) -> None:
         """Resolve the --endpoints host names (IP literals stay as they are)."""
-        conf, hosts = self._dns_config()
+        config = self._dns_config_or_report(on_done)
+        if config is None:
+            return
+        conf, hosts = config
         now, rng = self.reactor.clock(), random.SystemRandom()
         endpoints = list(self.options.endpoints)
         results = {}
@@ -2347,7 +2391,11 @@ class Gateway:
         if signum:
             self.log.info("refreshing endpoints", signal=signal.Signals(signum).name)
         self.refreshing = True
-        self.source.refresh(self._refreshed)
+        try:
+            self.source.refresh(self._refreshed)
+        except Exception as exc:  # never leave `refreshing` set: no refresh would run again
+            self.source.cancel()
+            self._refreshed(None, "internal error: %r" % (exc,))
 
     def _refreshed(self, endpoints, error) -> None:
         self.refreshing = False
@@ -2399,6 +2447,7 @@ class Gateway:
                       active=self.connections.count(),
                       shutdown_timeout=format_duration(self.shutdown_timeout))
         sd_notify("STOPPING=1")
+        self.status.draining = True
         self.health.stop_checks()
         self.connections.stop_accepting()
         self.connections.drain(self.shutdown_timeout, self.reactor.stop)
