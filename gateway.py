@@ -1,29 +1,27 @@
 """etcd-gateway: a transparent TCP proxy in front of an etcd cluster, drop-in for `etcd gateway start`.
 
-Architecture (one thread, standard library only):
+Architecture (one thread, standard library only; docs/ARCHITECTURE.md lists every class):
 
 * ``Reactor`` is the mechanism: a `selectors` loop, a timer heap with an injectable monotonic
   clock, and signal wake-up through `signal.set_wakeup_fd` on a socketpair. It knows nothing of
   etcd, DNS or endpoints; handlers are objects with ``handle_io(sock, mask)`` and
-  ``handle_failure(exc)``, so a bug in one connection closes that connection only. While one
-  connection's events come alone and close together, it polls for a learnt, bounded moment
-  (--busy-poll) before sleeping.
-* ``BatchAcceptor`` accepts in bounded batches and pauses when out of descriptors; ``Listener``
-  (the proxy port) and ``StatusListener`` build on it.
-* ``Dial`` is one non-blocking connect bounded by ``--dial-timeout``; ``Probe`` adds an optional
-  TLS handshake and HTTP exchange (TCP probes, TLS validation, etcd /health checks).
-* ``Relay`` pairs a client with an upstream. It moves DIALING -> RELAYING -> CLOSED; each of its
-  two ``Flow`` directions moves OPEN -> DRAINING (EOF seen, bytes still queued) -> SHUT. Nothing is
-  read from the client until an upstream is connected, so a failed dial is retried on the next
-  endpoint invisibly. Bytes move with splice(2) through pooled pipes where available, else through
-  a buffer bounded by a high-water mark; a half-close is passed on once the queue drained; a reset
-  is passed on as a reset.
+  ``handle_failure(exc)``, so a bug in one connection closes that connection only. ``BusyPoll``
+  is the policy it asks how long to poll before sleeping (--busy-poll).
+* ``Dial`` is one non-blocking connect; ``Probe`` adds an optional TLS handshake and HTTP
+  exchange (TCP probes, TLS validation, etcd /health checks). Both begin with ``start()``.
+* ``Relay`` pairs a client with an upstream through ``RelayHost``, a narrow interface (plan,
+  reports, the shared ``DataPath`` of receive buffer and splice pipes). It moves DIALING ->
+  RELAYING -> CLOSED; each of its two ``Flow`` directions moves OPEN -> DRAINING -> SHUT.
+  Nothing is read from the client until an upstream is connected; connect attempts race (the
+  next endpoint is tried alongside after --dial-timeout, all within --connect-timeout), so a
+  failed or slow member is passed over invisibly. A half-close is passed on once the queue
+  drained; a reset is passed on as a reset.
+* ``Connections`` owns the proxy port and its relays (the RelayHost), ``HealthMonitor`` whether
+  each endpoint may take clients (probes, etcd health checks, eviction), ``StatusPages`` the
+  /metrics, /health and /endpoints port. ``Gateway`` is the glue: discovery refresh, signals and
+  shutdown.
 * ``DnsDriver`` runs dnssrv's sans-I/O lookups on non-blocking sockets; ``EndpointSource`` turns
   SRV discovery or --endpoints host names into endpoints, with ``TlsValidation`` for secure records.
-* ``StatusListener`` and ``StatusConnection`` serve /metrics, /health and /endpoints from the
-  same loop.
-* ``Gateway`` is the policy glue: the listener, the endpoint ``Pool`` (endpoints.py), probes of
-  failed endpoints, health checks, discovery refresh, metrics, signals and shutdown.
 * ``main()`` is the one entry point for `python -m gateway`, the console script and the .pyz.
 
 Trade-offs: one thread keeps every state change free of locks and makes the gateway's cost
