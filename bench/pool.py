@@ -2,6 +2,9 @@
 
     python3 bench/run.py --rounds 3 2> bench/runs/DATE-COMMIT.log
     python3 bench/pool.py bench/runs/*.log
+    python3 bench/pool.py --reference ours-base A.log B.log C.log   # after ÷ before, paired
+
+Each cell is the median of the paired per-round ratios with their min-max.
 
 bench/run.py prints one progress line per (round, workload, proxy) on stderr. Within a round
 the proxies ran minutes apart on the same machine, so the ratio of ours to the Go gateway *in
@@ -35,32 +38,44 @@ def read_rounds(paths: List[str]) -> Dict[str, Dict[tuple, Dict[str, Figures]]]:
     return rounds
 
 
-def paired_medians(by_round: Dict[tuple, Dict[str, Figures]], proxy: str) -> List[str]:
-    """Median over rounds of proxy/go for throughput, CPU per unit and p99."""
+def paired_ratios(by_round: Dict[tuple, Dict[str, Figures]], proxy: str,
+                  reference: str) -> List[List[float]]:
+    """Per round, proxy/reference for throughput, CPU per unit and p99."""
     columns: List[List[float]] = [[], [], []]
     for proxies in by_round.values():
-        if proxy not in proxies or "go" not in proxies:
+        if proxy not in proxies or reference not in proxies:
             continue
-        ours, go = proxies[proxy], proxies["go"]
-        for column, (a, b) in zip(columns, ((ours[0], go[0]), (ours[2], go[2]), (ours[1], go[1]))):
+        ours, ref = proxies[proxy], proxies[reference]
+        for column, (a, b) in zip(columns, ((ours[0], ref[0]), (ours[2], ref[2]), (ours[1], ref[1]))):
             if a and b:
                 column.append(a / b)
-    return ["%.2f" % statistics.median(c) if c else "–" for c in columns]
+    return columns
 
 
-def main(paths: List[str]) -> int:
-    if not paths:
+def cell(ratios: List[float]) -> str:
+    """The median with the min-max of the rounds: a cell whose rounds straddle a target shows it."""
+    if not ratios:
+        return "–"
+    return "%.2f (%.2f-%.2f)" % (statistics.median(ratios), min(ratios), max(ratios))
+
+
+def main(argv: List[str]) -> int:
+    reference = "go"
+    if argv[:1] == ["--reference"]:
+        reference, argv = argv[1], argv[2:]
+    if not argv:
         sys.exit(__doc__)
-    rounds = read_rounds(paths)
-    proxies = [p for p in ("ours", "ours-busy", "ours-nospin")
-               if any(p in by_proxy for r in rounds.values() for by_proxy in r.values())]
-    print("| workload | rounds | " + " | ".join(f"{p} ×go | CPU ×go | p99 ×go" for p in proxies) + " |")
+    rounds = read_rounds(argv)
+    proxies = [p for p in ("ours", "ours-busy", "ours-nospin", "ours-base", "haproxy")
+               if p != reference and any(p in by_proxy for r in rounds.values() for by_proxy in r.values())]
+    x = "×" + reference
+    print("| workload | rounds | " + " | ".join(f"{p} {x} | CPU {x} | p99 {x}" for p in proxies) + " |")
     print("|---|---:|" + "---:|" * 3 * len(proxies))
     for workload, by_round in rounds.items():
         if workload == "idle scale":
             continue
-        paired = sum(1 for proxies_ in by_round.values() if "go" in proxies_ and "ours" in proxies_)
-        cells = [cell for p in proxies for cell in paired_medians(by_round, p)]
+        paired = sum(1 for proxies_ in by_round.values() if reference in proxies_ and "ours" in proxies_)
+        cells = [cell(c) for p in proxies for c in paired_ratios(by_round, p, reference)]
         print(f"| {workload} | {paired} | " + " | ".join(cells) + " |")
     return 0
 

@@ -1,6 +1,7 @@
 """Side-by-side benchmark: no proxy, the Go gateway, HAProxy (mode tcp) and ours (issue 4).
 
     python3 bench/run.py [--rounds 2] [--quick] [--proxies none,go,haproxy,ours,ours-nospin]
+    python3 bench/run.py --baseline ../old-checkout --proxies go,ours,ours-base   # A/B in one run
     python3 bench/run.py --rounds 9 --workloads http-1,http-paced    # a focused comparison
     python3 bench/run.py --rounds 3 2> bench/runs/DATE-COMMIT.log   # keep the per-round lines
     python3 bench/pool.py bench/runs/*.log                          # paired ratios over runs
@@ -60,7 +61,7 @@ ETCD_VALUE_B64 = base64.b64encode(b"v" * 100).decode()  # a 100-byte value, like
 HTTP_CONNS = (1, 64, 512)
 CHURN_CONNS = 64
 ETCD_CONNS = 64
-PROXY_ORDER = ("none", "go", "haproxy", "ours", "ours-nospin")
+PROXY_ORDER = ("none", "go", "haproxy", "ours", "ours-nospin", "ours-base")
 PACED_THINK_MS = 1  # think time between the requests of the paced load
 
 
@@ -72,6 +73,7 @@ class Settings(NamedTuple):
     python: str              # interpreter that runs ours
     etcdbin: Path
     workloads: List[str]     # keys (or key prefixes) of the workloads to run; empty = all
+    baseline: Optional[Path] = None  # another checkout whose gateway.py runs as `ours-base`
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +293,7 @@ def proxy_argv(name: str, listen: int, backend: int, settings: Settings, tmp: Pa
     if name == "go":
         return [str(settings.etcdbin / "etcd"), "gateway", "start",
                 f"--listen-addr={HOST}:{listen}", f"--endpoints={HOST}:{backend}"]
-    if name in ("ours", "ours-nospin"):
+    if name in ("ours", "ours-nospin", "ours-base"):
         spin = ["--busy-poll=0"] if name == "ours-nospin" else []
         return [settings.python, "-m", "gateway", "start",
                 f"--listen-addr={HOST}:{listen}", f"--endpoints={HOST}:{backend}"] + spin
@@ -317,7 +319,8 @@ def start_proxy(started: Started, name: str, backend: int, settings: Settings) -
         return Proxy(name, backend, None)
     listen = free_port()
     argv = proxy_argv(name, listen, backend, settings, started.tmp)
-    proc = started.spawn(name, argv, PROXY_CPU, nofile=settings.proxy_nofile, cwd=REPO_ROOT)
+    cwd = settings.baseline if name == "ours-base" else REPO_ROOT
+    proc = started.spawn(name, argv, PROXY_CPU, nofile=settings.proxy_nofile, cwd=cwd)
     started.wait_listening(proc, listen)
     return Proxy(name, listen, proc)
 
@@ -742,13 +745,20 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                     help="comma separated workload keys or prefixes (bulk, http, http-1, "
                          "http-paced, churn, idle, etcd, ...); default all")
     ap.add_argument("--output", default=str(BENCH_DIR / "results.md"))
+    ap.add_argument("--baseline", default=None,
+                    help="a checkout of another commit whose gateway runs as proxy `ours-base`: "
+                         "a before/after comparison measured in the same rounds")
     return ap.parse_args(argv)
 
 
-def check_proxies(names: List[str]) -> List[str]:
+def check_proxies(names: List[str], baseline: Optional[str]) -> List[str]:
     unknown = set(names) - set(PROXY_ORDER)
     if unknown:
         sys.exit(f"bench: unknown proxies {sorted(unknown)}")
+    if baseline and "ours-base" not in names:
+        names = names + ["ours-base"]
+    if "ours-base" in names and not (baseline and (Path(baseline) / "gateway.py").exists()):
+        sys.exit("bench: ours-base needs --baseline DIR holding another checkout's gateway.py")
     if "haproxy" in names and not shutil.which("haproxy"):
         print("bench: haproxy not installed, skipping it", file=sys.stderr)
         names = [n for n in names if n != "haproxy"]
@@ -763,7 +773,7 @@ def check_proxies(names: List[str]) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    proxies = check_proxies([p.strip() for p in args.proxies.split(",") if p.strip()])
+    proxies = check_proxies([p.strip() for p in args.proxies.split(",") if p.strip()], args.baseline)
     # Without CAP_SYS_RESOURCE (containers) nobody may pass our hard limit: 2 fds per
     # connection plus a little for the proxy's own files is what a lean proxy needs (and at
     # least 4096, so that the Go gateway's 6 per connection survive wrk's 512 connections).
@@ -774,7 +784,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         idle_conns=idle, proxy_nofile=min(max(2 * idle + 64, 4096), hard),
                         python=args.python,
                         workloads=[w.strip() for w in args.workloads.split(",") if w.strip()],
-                        etcdbin=find_etcdbin(args.etcdbin))
+                        etcdbin=find_etcdbin(args.etcdbin),
+                        baseline=Path(args.baseline).resolve() if args.baseline else None)
     if not {LOADGEN_CPU, PROXY_CPU} <= os.sched_getaffinity(0):
         sys.exit(f"bench: needs cores {LOADGEN_CPU} and {PROXY_CPU}")
     os.sched_setaffinity(0, {LOADGEN_CPU})  # the harness opens the idle connections itself
