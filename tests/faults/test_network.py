@@ -3,7 +3,9 @@
 * A bad path (this kernel has no `tc netem`): every member sits behind tests/faults/relay.py
   adding 75 ms +/- 50 ms per chunk and "10 % loss" (a lost chunk stalls its direction 200 ms,
   as a TCP retransmission does). Load must see no failure; echo streams through the gateway and
-  the same relay must arrive whole and in order.
+  the same relay must arrive whole and in order. The relay stalls bytes of connections it has
+  already accepted, so it never loses a SYN: IP-level loss, SYNs included, is in
+  test_lossy_link.py (tests/faults/tunlink.py).
 * A member cut off: the gateway runs inside a network namespace the test creates (veth pair),
   reaching the members through plain relays on the host end; `iptables` inside the namespace
   then DROPs (blackhole) or REJECTs with a reset (cut off loudly) the member in use, and removes
