@@ -832,10 +832,20 @@ class Addresses(NamedTuple):
     source: str                    # "literal", "hosts" or "dns"
 
 
+# Once one family has answered with addresses, the other gets this long, then the lookup goes on
+# without it: a server that drops AAAA queries (old resolvers and middleboxes do) would otherwise
+# cost every name timeout x attempts x servers (10 s with resolv.conf's defaults).  RFC 8305
+# section 3 waits 50 ms for AAAA after A, with a user waiting to connect; here nobody waits on a
+# refresh, while a family cut off costs its addresses until the next round and logs a spurious
+# change, so be six times as patient.
+FAMILY_GRACE_DELAY = 0.3
+
+
 class AddressLookup(_Group):
     """Resolve a host name to addresses: an IP literal as it is; /etc/hosts first, as the C
     library does; then A and AAAA concurrently for each name of the search list in turn
-    (`search_names`), stopping at the first name that has any address."""
+    (`search_names`), stopping at the first name that has any address.  Once one family has
+    addresses, the other has FAMILY_GRACE_DELAY more to answer, not a whole timeout."""
 
     def __init__(self, name: str, conf: ResolvConf, rng: random.Random, now: float,
                  hosts: Optional[Mapping[str, Tuple[str, ...]]] = None) -> None:
@@ -845,6 +855,7 @@ class AddressLookup(_Group):
         self._candidates = iter(search_names(name, conf))
         self._answers = []  # type: List[object]
         self._problems = []  # type: List[str]
+        self._grace_deadline = None  # type: Optional[float]
         literal = _ip_text(name.strip("[]"))
         known = (hosts or {}).get(name_key(name))
         if literal is not None or known:
@@ -854,6 +865,16 @@ class AddressLookup(_Group):
             return
         self._next_candidate(now)
         self._settle(now)
+
+    def next_deadline(self) -> Optional[float]:
+        deadlines = [super().next_deadline(), self._grace_deadline]
+        return min((d for d in deadlines if d is not None), default=None)
+
+    def on_timeout(self, now: float) -> None:
+        super().on_timeout(now)
+        if not self.done and self._grace_deadline is not None and now >= self._grace_deadline:
+            self._conclude(now)     # the other family is late: finish with what is in
+            self._settle(now)
 
     def _next_candidate(self, now: float) -> None:
         candidate = next(self._candidates, None)
@@ -866,8 +887,15 @@ class AddressLookup(_Group):
         self._answers.append(child.result or child.error)
         if child.error is not None:
             self._problems.append(str(child.error))
-        if len(self._answers) < 2:
-            return
+        if len(self._answers) == 2:
+            self._conclude(now)
+        elif child.result is not None and child.result.records:
+            self._grace_deadline = now + FAMILY_GRACE_DELAY
+
+    def _conclude(self, now: float) -> None:
+        """Both families of this search name are in, or the grace is over: take the addresses,
+        else go on to the next search name (none left: _settle() finds no children, finishes)."""
+        self._grace_deadline = None
         answers = sorted((a for a in self._answers if isinstance(a, Answer)),
                          key=lambda answer: answer.qtype)
         addresses = tuple(str(v) for answer in answers for v in answer.values)
@@ -877,7 +905,7 @@ class AddressLookup(_Group):
             self.result = Addresses(self.name, addresses, ttl, "dns")
             self.done = True
         else:
-            self._next_candidate(now)   # none left: _settle() finds no children and finishes
+            self._next_candidate(now)
 
     def _finish(self) -> None:
         if self.result is None:

@@ -7,6 +7,7 @@ against an independent implementation of the wire format.  Misbehaviour modes:
   normal    answer from the zone (CNAME chains chased, SRV glue in the additional section)
   servfail  every reply is SERVFAIL;  refused: every reply is REFUSED
   silent    never reply (queries are still recorded)
+  drop-aaaa answer every query but AAAA, which gets no reply at all (as from some middleboxes)
   truncate  UDP replies are empty with TC set; the full answer only over TCP
   spoof     before the real UDP answer send: a reply with a wrong ID, one with a wrong question,
             the real answer from a different source port, and garbage bytes
@@ -20,7 +21,7 @@ import threading
 
 from dnslib import QTYPE, RCODE, RR, DNSRecord
 
-MODES = ("normal", "servfail", "refused", "silent", "truncate", "spoof")
+MODES = ("normal", "servfail", "refused", "silent", "truncate", "spoof", "drop-aaaa")
 
 
 class DNSTestServer:
@@ -87,7 +88,7 @@ class DNSTestServer:
     def _on_udp(self):
         data, client = self._udp.recvfrom(65535)
         request = self._parse(data, "udp")
-        if request is None or self.mode == "silent":
+        if self._unanswered(request):
             return
         reply = self._reply(request)
         if self.mode == "truncate":
@@ -116,7 +117,7 @@ class DNSTestServer:
             try:
                 length = struct.unpack("!H", _recv_exactly(conn, 2))[0]
                 request = self._parse(_recv_exactly(conn, length), "tcp")
-                if request is None or self.mode == "silent":
+                if self._unanswered(request):
                     return
                 payload = self._reply(request).pack()
                 conn.sendall(struct.pack("!H", len(payload)) + payload)
@@ -132,6 +133,10 @@ class DNSTestServer:
             self.queries.append((transport, str(request.q.qname).rstrip(".").lower(),
                                  QTYPE[request.q.qtype]))
         return request
+
+    def _unanswered(self, request):
+        return (request is None or self.mode == "silent"
+                or (self.mode == "drop-aaaa" and request.q.qtype == QTYPE.AAAA))
 
     # -- answers ----------------------------------------------------------------------------
 
