@@ -119,3 +119,55 @@ def test_gateway_starts_at_once_when_aaaa_queries_are_dropped(tmp_path):
         assert ("udp", "etcd.names.test", "AAAA") in dns.seen()
     # Without the grace: the AAAA query's 5 s x 2 attempts before the ready line.
     assert elapsed < RESOLV_TIMEOUT, elapsed
+
+
+# -- the smallest TTL of what was used, for the caller's refresh schedule -------------------------
+
+def test_address_lookup_min_ttl_is_the_smallest_record_ttl_used():
+    lookup = dnssrv.AddressLookup("m1.example.com.", CONF, random.Random(6), now=0.0)
+    queries = sends_by_type(lookup)
+    lookup.feed(SERVER, reply(queries[TYPE_A], "10.0.0.1", "10.0.0.2", ttl=40), 0.1)
+    lookup.feed(SERVER, reply(queries[TYPE_AAAA], "fd00::1", ttl=25), 0.1)
+    assert lookup.result.min_ttl == lookup.result.ttl == 25
+    literal = dnssrv.AddressLookup("10.0.0.9", CONF, random.Random(7), now=0.0)
+    assert literal.result.min_ttl is None
+    hosts = dnssrv.AddressLookup("m9", CONF, random.Random(8), 0.0, hosts={"m9": ("10.0.0.9",)})
+    assert hosts.result.min_ttl is None
+
+
+def test_address_lookup_min_ttl_leaves_out_a_family_cut_off_by_the_grace():
+    lookup = dnssrv.AddressLookup("m1.example.com.", CONF, random.Random(9), now=0.0)
+    queries = sends_by_type(lookup)
+    lookup.feed(SERVER, reply(queries[TYPE_A], "10.0.0.1", ttl=40), 0.1)
+    lookup.on_timeout(0.1 + GRACE)
+    assert lookup.result.min_ttl == 40
+
+
+def srv_endpoint(target, ttl):
+    return dnssrv.SRVEndpoint(target, ("10.0.0.1",), 2379, 0, 1, False, ttl)
+
+
+def test_discovery_min_ttl_is_the_smallest_endpoint_ttl():
+    result = dnssrv.Discovery((srv_endpoint("m1", 60), srv_endpoint("m2", 15),
+                               srv_endpoint("m3", None)), ("m4: no address",))
+    assert result.min_ttl == 15
+    assert dnssrv.Discovery((), ()).min_ttl is None
+
+
+def test_discovery_min_ttl_counts_srv_glue_and_address_records():
+    srv_name = "_etcd-client._tcp.example.com"
+    machine = dnssrv.SRVDiscovery([(srv_name, False)], CONF, random.Random(10), now=0.0)
+    (srv_query,) = machine.take_sends()
+    request = dnssrv.parse_message(srv_query.payload)
+    records = (Record(srv_name, dnssrv.TYPE_SRV, CLASS_IN, 300,
+                      dnssrv.SRV(0, 1, 2379, "m1.example.com")),
+               Record(srv_name, dnssrv.TYPE_SRV, CLASS_IN, 300,
+                      dnssrv.SRV(0, 1, 2379, "m2.example.com")))
+    glue = (Record("m1.example.com", TYPE_A, CLASS_IN, 120, "10.0.0.1"),)
+    machine.feed(SERVER, dnssrv.build_message(request._replace(
+        qr=True, aa=True, ra=True, answers=records, additional=glue)), 0.1)
+    queries = sends_by_type(machine)          # m2 has no glue: A and AAAA are asked
+    machine.feed(SERVER, reply(queries[TYPE_A], "10.0.0.2", ttl=45), 0.2)
+    machine.feed(SERVER, reply(queries[TYPE_AAAA]), 0.2)
+    assert machine.done and len(machine.result.endpoints) == 2
+    assert machine.result.min_ttl == 45
