@@ -225,6 +225,19 @@ def _positive_duration_arg(text: str) -> float:
     return seconds
 
 
+MIN_DISCOVERY_REFRESH_SECONDS = 1.0
+
+
+def _discovery_refresh_arg(text: str) -> float:
+    """0 means start-up only; anything else at least 1s: every refresh costs DNS queries (and TLS
+    handshakes for secure discovery) on every host of the fleet, and `1ns` re-resolved in a loop."""
+    seconds = _duration_arg(text)
+    if 0 < seconds < MIN_DISCOVERY_REFRESH_SECONDS:
+        raise argparse.ArgumentTypeError("%r is too short (0 = only at start-up, else at least %s)"
+                                         % (text, format_duration(MIN_DISCOVERY_REFRESH_SECONDS)))
+    return seconds
+
+
 def _busy_poll_arg(text: str) -> float:
     seconds = _duration_arg(text)
     if seconds > MAX_BUSY_POLL_SECONDS:
@@ -298,9 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how long open connections may run after SIGTERM/SIGINT (default 10s)")
     ext.add_argument("--dns-server", type=_dns_servers_arg, default=(), metavar="HOST[:PORT],...",
                      help="DNS servers for discovery and host names, replacing /etc/resolv.conf's")
-    ext.add_argument("--discovery-refresh", type=_duration_arg, default=30.0, metavar="DURATION",
+    ext.add_argument("--discovery-refresh", type=_discovery_refresh_arg, default=30.0,
+                     metavar="DURATION",
                      help="how often discovery (and host names in --endpoints) are resolved again; "
-                          "0 = only at start-up (default 30s)")
+                          "at least 1s; 0 = only at start-up (default 30s)")
     ext.add_argument("--metrics-addr", type=_hostport_arg, default=None, metavar="HOST:PORT",
                      help="serve /metrics, /health and /endpoints over HTTP here (default off)")
     ext.add_argument("--health-check", choices=("tcp", "etcd"), default="tcp",
