@@ -131,6 +131,12 @@ class Message(NamedTuple):
         return self.questions[0] if self.questions else None
 
 
+def _is_ascii_number(text: str) -> bool:
+    """Digits 0-9 only: str.isdigit() and int() also take other scripts' digits (`٥٣` is 53 to
+    Python), which no resolver, nor Go, reads as a number."""
+    return text.isascii() and text.isdigit()
+
+
 def name_key(name: str) -> str:
     """The form in which two names compare equal: case-folded (RFC 4343), no trailing dot."""
     if name.endswith(".") and not name.endswith("\\."):
@@ -279,7 +285,7 @@ def _split_labels(name: str) -> List[bytes]:
         char = name[index]
         if char == "\\":
             digits = name[index + 1:index + 4]
-            if len(digits) == 3 and digits.isdigit() and int(digits) < 256:
+            if len(digits) == 3 and _is_ascii_number(digits) and int(digits) < 256:
                 current.append(int(digits))
                 index += 4
                 continue
@@ -412,7 +418,7 @@ def _ip_text(text: str) -> Optional[str]:
 
 
 def _option_int(value: str, low: int, high: int) -> Optional[int]:
-    if not value.isdigit():
+    if not _is_ascii_number(value):
         return None
     return max(low, min(high, int(value)))
 
@@ -476,8 +482,8 @@ def parse_hosts(text: str) -> Dict[str, Tuple[str, ...]]:
 
 
 def _parse_port(text: str, spec: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError("bad port in DNS server %r" % spec)
+    if not _is_ascii_number(text) or not 0 < int(text) < 65536:
+        raise ValueError("bad port in DNS server %r (want 1-65535 in ASCII digits)" % spec)
     return int(text)
 
 

@@ -16,6 +16,7 @@ rarely). Two policies sit on top of that choice:
 """
 import ipaddress
 import random
+import re
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 POLICIES = ("sticky", "round-robin")
@@ -67,32 +68,51 @@ def split_hostport(text: str) -> Tuple[str, int]:
             raise ValueError("IPv6 address %r must be written as [ADDR]:PORT" % text)
     if not host:
         raise ValueError("missing host in address %r" % text)
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError("invalid port in address %r" % text)
+    if not is_ascii_number(port_text) or not 0 < int(port_text) < 65536:
+        raise ValueError("invalid port in address %r (want 1-65535 in ASCII digits)" % text)
     if not _is_valid_host(host):
         raise ValueError("invalid host in address %r" % text)
     return host, int(port_text)
+
+
+def is_ascii_number(text: str) -> bool:
+    """Digits 0-9 only. str.isdigit() and int() also take other scripts' digits (`٢٣٧٩` is 2379
+    to Python), which Go, DNS and every other tool read as garbage."""
+    return text.isascii() and text.isdigit()
 
 
 def _is_valid_host(host: str) -> bool:
     if ":" in host:
         return True  # already validated as IPv6 above
     labels = host.rstrip(".").split(".")
-    return len(host) <= 253 and all(
+    return len(host) <= 253 and host.isascii() and all(
         0 < len(label) <= 63 and all(c.isalnum() or c in "-_" for c in label) for label in labels
     )
 
 
+# RFC 3986 section 3.1: a scheme is a letter, then letters, digits, "+", "-" or ".".
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_URL_AUTHORITY_END = re.compile(r"[/?#]")
+
+
+def strip_url(text: str) -> Tuple[str, bool]:
+    """`SCHEME://[USER@]HOST:PORT[/PATH][?QUERY][#FRAGMENT]` -> (`HOST:PORT`, is `https`), as the
+    Go gateway keeps only url.Parse's Host: any scheme in any case, the rest dropped, and a zone
+    escaped as `%25` (RFC 6874) unescaped. Text without `SCHEME://` comes back as it is."""
+    match = _URL_SCHEME.match(text)
+    if match is None:
+        return text, False
+    authority = _URL_AUTHORITY_END.split(text[match.end():], 1)[0]
+    hostport = authority.rpartition("@")[2].replace("%25", "%")
+    return hostport, match.group(1).lower() == "https"
+
+
 def parse_endpoint(text: str) -> Endpoint:
-    """Parse one `--endpoints` item. `http://` and `https://` prefixes are stripped, as etcd does;
-    `https://` marks the member as TLS, for health checks (the relay forwards bytes either way)."""
-    text = text.strip()
-    secure = text.startswith("https://")
-    for scheme in ("http://", "https://"):
-        if text.startswith(scheme):
-            text = text[len(scheme):].rstrip("/")
-            break
-    host, port = split_hostport(text)
+    """Parse one `--endpoints` item: `HOST:PORT`, `[IPv6]:PORT` or a URL whose host and port are
+    kept, as etcd does; an `https` URL marks the member as TLS, for health checks (the relay
+    forwards bytes either way)."""
+    hostport, secure = strip_url(text.strip())
+    host, port = split_hostport(hostport)
     return Endpoint(host=host, port=port, address=host if _is_ip(host) else "", secure=secure)
 
 
