@@ -1,9 +1,9 @@
 """Endpoints: parsing, health bookkeeping and the picking policy.
 
-Pure policy: no sockets, no clocks, no logging. The caller passes `now` (monotonic seconds) and a
-`random.Random`, and acts on what these functions return. `gateway.py` dials what `Pool.plan()`
-proposes and reports back with `mark_failed()` / `mark_up()`; discovery replaces the set with
-`Pool.replace()`.
+Pure policy: no sockets (`socket` only names address families), no clocks, no logging. The caller
+passes `now` (monotonic seconds) and a `random.Random`, and acts on what these functions return.
+`gateway.py` dials what `Pool.plan()` proposes and reports back with `mark_failed()` /
+`mark_up()`; discovery replaces the set with `Pool.replace()`.
 
 Picking follows RFC 2782: only the lowest priority class among the endpoints that are up is used,
 and inside it an endpoint is chosen at random in proportion to its weight (weight-0 endpoints only
@@ -17,15 +17,17 @@ rarely). Two policies sit on top of that choice:
 import ipaddress
 import random
 import re
+import socket
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 POLICIES = ("sticky", "round-robin")
 
 
 class Endpoint(NamedTuple):
-    """One etcd member's client address. `host` is what the operator (or DNS) named; `address` is
-    the IP literal to dial once resolved (empty while unresolved). A NamedTuple rather than a
-    dataclass: python3-minimal has no `dataclasses` module."""
+    """One etcd member's client address. `host` is what the operator (or DNS) named; `addresses`
+    are all the IP literals it resolved to, in `order_addresses` order, and `address` is the first
+    of them (empty while unresolved). Build a resolved one with `with_addresses`. A NamedTuple
+    rather than a dataclass: python3-minimal has no `dataclasses` module."""
 
     host: str
     port: int
@@ -34,6 +36,7 @@ class Endpoint(NamedTuple):
     address: str = ""
     secure: bool = False
     tls_name: str = ""  # the name its certificate was verified for (discovery)
+    addresses: Tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return format_hostport(self.host, self.port)
@@ -46,6 +49,59 @@ class Endpoint(NamedTuple):
     def key(self) -> Tuple[str, int]:
         """Identity across discovery refreshes: the name and port, not the resolved address."""
         return (self.host, self.port)
+
+    def with_addresses(self, addresses: Iterable[str]) -> "Endpoint":
+        """This endpoint resolved to `addresses` (IP literals in any order, repeats allowed)."""
+        ordered = order_addresses(addresses)
+        return self._replace(addresses=ordered, address=ordered[0] if ordered else "")
+
+    def dial_addresses(self) -> List[Tuple[int, tuple]]:
+        """What the data path connects to, in order: `(family, sockaddr)` for each address, a
+        scoped IPv6 one with its interface index. Empty while a host name is unresolved."""
+        texts = self.addresses or ((self.dial_host,) if _is_ip(self.dial_host) else ())
+        return [socket_address(text, self.port) for text in texts]
+
+
+def order_addresses(addresses: Iterable[str]) -> Tuple[str, ...]:
+    """The one order in which a name's addresses are kept and tried, whatever order DNS gave:
+    IPv4 before IPv6, each by numeric value; repeats once.
+
+    A fixed order, so that an answer that only came back shuffled (round-robin DNS rotates it on
+    every query) is no change. IPv4 first although RFC 6724's default policy and Go's dialer
+    (the resolver's order, IPv6 first on a host with IPv6) prefer IPv6: it is the order this
+    gateway dialled in before (A records before AAAA), and a Go server such as etcd given a host
+    name to listen on (its default `localhost:2379`) listens on the name's IPv4 address only."""
+    ordered: Dict[Tuple[int, bytes, str], str] = {}
+    for text in addresses:
+        ordered.setdefault(_address_order(text), text)
+    return tuple(ordered[key] for key in sorted(ordered))
+
+
+def _address_order(text: str) -> Tuple[int, bytes, str]:
+    bare, _, zone = text.partition("%")
+    address = ipaddress.ip_address(bare)
+    return address.version, address.packed, zone
+
+
+def readdressed(before: Sequence[Endpoint],
+                after: Sequence[Endpoint]) -> List[Tuple[Endpoint, Endpoint]]:
+    """The (old, new) pairs of endpoints present in both sets whose address set changed. The
+    order of the addresses is no change: only which addresses there are."""
+    old = {endpoint.key: endpoint for endpoint in before}
+    return [(old[endpoint.key], endpoint) for endpoint in after
+            if endpoint.key in old and _address_set(old[endpoint.key]) != _address_set(endpoint)]
+
+
+def _address_set(endpoint: Endpoint) -> frozenset:
+    return frozenset(_address_order(text) for text in endpoint.addresses
+                     or ((endpoint.address,) if endpoint.address else ()))
+
+
+def socket_address(text: str, port: int) -> Tuple[int, tuple]:
+    """(family, sockaddr) for an IP literal."""
+    if ":" in text:
+        return socket.AF_INET6, (text, port, 0, 0)
+    return socket.AF_INET, (text, port)
 
 
 def format_hostport(host: str, port: int) -> str:
@@ -113,7 +169,8 @@ def parse_endpoint(text: str) -> Endpoint:
     forwards bytes either way)."""
     hostport, secure = strip_url(text.strip())
     host, port = split_hostport(hostport)
-    return Endpoint(host=host, port=port, address=host if _is_ip(host) else "", secure=secure)
+    endpoint = Endpoint(host=host, port=port, secure=secure)
+    return endpoint.with_addresses((host,)) if _is_ip(host) else endpoint
 
 
 def parse_endpoints(text: str) -> List[Endpoint]:
@@ -128,7 +185,7 @@ def parse_endpoints(text: str) -> List[Endpoint]:
 
 def _is_ip(host: str) -> bool:
     try:
-        ipaddress.ip_address(host)
+        ipaddress.ip_address(host.partition("%")[0])  # Python < 3.9 knows no IPv6 zones
     except ValueError:
         return False
     return True
@@ -226,7 +283,8 @@ class Pool:
         return [self._health[endpoint.key] for endpoint in self._order]
 
     def replace(self, endpoints: Sequence[Endpoint]) -> Tuple[List[Endpoint], List[Endpoint]]:
-        """Install a new set; endpoints that stay keep their health. Returns (added, removed)."""
+        """Install a new set; endpoints that stay (same `key`) keep their health, whatever their
+        addresses now are (`readdressed` tells which changed). Returns (added, removed)."""
         new_keys = {endpoint.key for endpoint in endpoints}
         removed = [endpoint for endpoint in self._order if endpoint.key not in new_keys]
         added = [endpoint for endpoint in endpoints if endpoint.key not in self._health]

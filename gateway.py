@@ -1629,7 +1629,7 @@ class EndpointSource:
             if machine.error is not None or not machine.result.addresses:
                 on_done(None, "cannot resolve endpoint %s: %s" % (endpoints[index], machine.error))
                 return
-            endpoints[index] = endpoints[index]._replace(address=machine.result.addresses[0])
+            endpoints[index] = endpoints[index].with_addresses(machine.result.addresses)
         on_done(endpoints, None)
 
     def _srv_done(self, machine, names, on_done) -> None:
@@ -1641,7 +1641,7 @@ class EndpointSource:
         candidates, rejected = [], list(machine.result.problems)
         for record in machine.result.endpoints:
             endpoint = ep.Endpoint(record.target, record.port, record.priority, record.weight,
-                                   record.addresses[0], record.secure)
+                                   secure=record.secure).with_addresses(record.addresses)
             if not record.secure and not self.options.insecure_discovery:
                 rejected.append("%s is insecure (from _etcd-client; allowed by --insecure-discovery)"
                                 % (endpoint,))
