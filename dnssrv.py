@@ -9,7 +9,9 @@ This module owns everything the gateway knows about DNS, and imports only the st
   `DNSFormatError` (a `ValueError` carrying the offset), never IndexError, struct.error,
   UnicodeError, a hang or unbounded work.
 * **Configuration**: `parse_resolv_conf`, `parse_hosts`, `parse_dns_servers` take text and return
-  values; `load_resolv_conf` and `load_hosts` take the file path as a parameter.
+  values; `load_resolv_conf` and `load_hosts` take the file path as a parameter.  A nameserver
+  with an IPv6 zone needs its interface's index: `parse_dns_servers` and `bind_scope_ids` look it
+  up (the only contact with the system outside the drivers).
 * **Lookup machines** that do no I/O and never read a clock: `Lookup` drives one question across
   the servers (attempts x servers, a fresh random ID per query, TC -> TCP, SERVFAIL/REFUSED/timeout
   -> next server, CNAME chains); `AddressLookup` resolves a host name to addresses (/etc/hosts
@@ -388,7 +390,9 @@ class TCPFrameReader:
 # Configuration: /etc/resolv.conf, /etc/hosts, --dns-server
 # ---------------------------------------------------------------------------------------------
 
-Server = Tuple[str, int]      # (IP address text, port)
+# What connect() takes: (IP address text, port), or for an IPv6 address with a zone
+# (`fe80::1%eth0`) (text, port, 0, interface index) once `server_address` has looked it up.
+Server = Tuple
 
 # With no usable nameserver line, ask the local host, as Go does (dnsconfig_unix.go).
 DEFAULT_NAMESERVERS = (("127.0.0.1", DNS_PORT), ("::1", DNS_PORT))
@@ -501,16 +505,56 @@ def _parse_dns_server(spec: str) -> Server:
     address = _ip_text(host)
     if address is None:
         raise ValueError("DNS server %r is not an IP address" % spec)
-    return address, port
+    try:
+        return server_address(address, port)
+    except ValueError as exc:
+        raise ValueError("%s in DNS server %r" % (exc, spec)) from None
 
 
 def parse_dns_servers(text: str) -> Tuple[Server, ...]:
-    """Parse the --dns-server value `HOST[:PORT][,...]` (IPv6 as `[::1]:53`); ValueError if
-    malformed.  Hosts must be IP addresses: a name would need DNS to find DNS."""
+    """Parse the --dns-server value `HOST[:PORT][,...]` (IPv6 as `[::1]:53`, with a zone as
+    `[fe80::1%eth0]:53`); ValueError if malformed or the zone names no interface.  Hosts must be
+    IP addresses: a name would need DNS to find DNS."""
     specs = [spec.strip() for spec in text.split(",")]
     if not text.strip() or not all(specs):
         raise ValueError("empty DNS server in %r" % text)
     return tuple(_parse_dns_server(spec) for spec in specs)
+
+
+def server_address(address: str, port: int) -> Server:
+    """The socket address of a DNS server: (address, port), or (address, port, 0, scope id) when
+    the address has a zone.  Python drops the `%zone` of a (host, port) pair, and a link-local
+    address without its interface fails with EINVAL.  ValueError for an unknown interface."""
+    _, percent, zone = address.partition("%")
+    return (address, port, 0, _scope_id(zone)) if percent else (address, port)
+
+
+def bind_scope_ids(conf: ResolvConf) -> ResolvConf:
+    """`conf` with the interfaces of its zoned nameservers looked up (`server_address`), as
+    glibc's res_init does when it reads resolv.conf.  Unlike glibc, which then asks such a
+    server unscoped in vain, raise ValueError naming the first one whose interface is unknown."""
+    servers = []
+    for server in conf.nameservers:
+        if len(server) == 2:
+            try:
+                server = server_address(*server)
+            except ValueError as exc:
+                raise ValueError("nameserver %s: %s" % (server[0], exc)) from None
+        servers.append(server)
+    return conf._replace(nameservers=tuple(servers))
+
+
+MAX_SCOPE_ID = 2 ** 32 - 1   # sin6_scope_id is a uint32_t
+
+
+def _scope_id(zone: str) -> int:
+    # The same as endpoints.scope_id: the two leaf modules import nothing of each other.
+    if _is_ascii_number(zone) and int(zone) <= MAX_SCOPE_ID:
+        return int(zone)
+    try:
+        return socket.if_nametoindex(zone)
+    except (OSError, ValueError):   # ValueError: a NUL in the name
+        raise ValueError("no network interface named %r" % zone) from None
 
 
 def _read_text(path: str) -> Optional[str]:
@@ -593,10 +637,18 @@ class Answer(NamedTuple):
 
 
 def _same_server(address: Sequence, server: Server) -> bool:
-    # recvfrom() gives 4-tuples for IPv6; an address text may be written several ways.
+    # recvfrom() gives 4-tuples for IPv6, a zone as the interface's name and its index; an
+    # address text may be written several ways.
     if len(address) < 2 or address[1] != server[1]:
         return False
-    return (_ip_text(str(address[0])) or address[0]) == server[0]
+    if len(address) == 4 and len(server) == 4 and address[3] != server[3]:
+        return False
+    return _bare_ip(str(address[0])) == _bare_ip(server[0])
+
+
+def _bare_ip(text: str) -> str:
+    bare = text.partition("%")[0]
+    return _ip_text(bare) or bare
 
 
 def _follow_cnames(answers: Sequence[Record], name: str, qtype: int) -> Tuple[str, List[Record]]:
@@ -760,7 +812,7 @@ class Lookup:
 
 
 def _server_text(server: Server) -> str:
-    host, port = server
+    host, port = server[0], server[1]
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 

@@ -1,9 +1,9 @@
 """Endpoints: parsing, health bookkeeping and the picking policy.
 
-Pure policy: no sockets (`socket` only names address families), no clocks, no logging. The caller
-passes `now` (monotonic seconds) and a `random.Random`, and acts on what these functions return.
-`gateway.py` dials what `Pool.plan()` proposes and reports back with `mark_failed()` /
-`mark_up()`; discovery replaces the set with `Pool.replace()`.
+Pure policy: no sockets (`socket` only names address families and looks up the interfaces of IPv6
+zones), no clocks, no logging. The caller passes `now` (monotonic seconds) and a `random.Random`,
+and acts on what these functions return. `gateway.py` dials what `Pool.plan()` proposes and
+reports back with `mark_failed()` / `mark_up()`; discovery replaces the set with `Pool.replace()`.
 
 Picking follows RFC 2782: only the lowest priority class among the endpoints that are up is used,
 and inside it an endpoint is chosen at random in proportion to its weight (weight-0 endpoints only
@@ -98,10 +98,34 @@ def _address_set(endpoint: Endpoint) -> frozenset:
 
 
 def socket_address(text: str, port: int) -> Tuple[int, tuple]:
-    """(family, sockaddr) for an IP literal."""
-    if ":" in text:
-        return socket.AF_INET6, (text, port, 0, 0)
-    return socket.AF_INET, (text, port)
+    """(family, sockaddr) for an IP literal. A zone (`fe80::1%eth0`) becomes the sockaddr's scope
+    id, looked up at each call as Go's dialer does; an interface gone since start-up gives 0, and
+    the connect fails (EINVAL) like any unroutable address."""
+    if ":" not in text:
+        return socket.AF_INET, (text, port)
+    bare, _, zone = text.partition("%")
+    try:
+        scope = scope_id(zone)
+    except ValueError:
+        scope = 0
+    return socket.AF_INET6, (bare, port, 0, scope)
+
+
+MAX_SCOPE_ID = 2 ** 32 - 1   # sin6_scope_id is a uint32_t
+
+
+def scope_id(zone: str) -> int:
+    """The interface index an IPv6 zone names (`eth0`, or the index itself; "" is 0), which a
+    link-local sockaddr needs: Python drops the `%zone` of a (host, port) pair, so connect() to
+    `fe80::1%eth0` fails with EINVAL without it. ValueError for an unknown interface."""
+    if not zone:
+        return 0
+    if is_ascii_number(zone) and int(zone) <= MAX_SCOPE_ID:
+        return int(zone)
+    try:
+        return socket.if_nametoindex(zone)
+    except (OSError, ValueError):   # ValueError: a NUL in the name
+        raise ValueError("no network interface named %r" % zone) from None
 
 
 def format_hostport(host: str, port: int) -> str:
@@ -114,7 +138,10 @@ def split_hostport(text: str) -> Tuple[str, int]:
         host, sep, rest = text[1:].partition("]")
         if not sep or not rest.startswith(":"):
             raise ValueError("malformed address %r (want [IPv6]:PORT)" % text)
-        ipaddress.IPv6Address(host.split("%", 1)[0])
+        bare, percent, zone = host.partition("%")
+        ipaddress.IPv6Address(bare)
+        if percent:
+            _check_zone(zone, text)
         port_text = rest[1:]
     else:
         host, sep, port_text = text.rpartition(":")
@@ -129,6 +156,16 @@ def split_hostport(text: str) -> Tuple[str, int]:
     if not _is_valid_host(host):
         raise ValueError("invalid host in address %r" % text)
     return host, int(port_text)
+
+
+def _check_zone(zone: str, text: str) -> None:
+    """Refuse an unknown interface at start-up, rather than fail every dial."""
+    if not zone:
+        raise ValueError("empty IPv6 zone in address %r" % text)
+    try:
+        scope_id(zone)
+    except ValueError as exc:
+        raise ValueError("%s in address %r" % (exc, text)) from None
 
 
 def is_ascii_number(text: str) -> bool:

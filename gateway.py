@@ -1585,27 +1585,35 @@ class EndpointSource:
     def dynamic(self) -> bool:
         return self.use_srv or any(not endpoint.address for endpoint in self.options.endpoints)
 
-    def _dns_config(self):
+    def _dns_config(self, on_done):
+        """resolv.conf (its nameservers replaced by --dns-server) and the hosts file, read afresh
+        for every round; None after telling `on_done` why they cannot be used."""
         conf = dnssrv.load_resolv_conf(self.resolv_conf_path)
         if self.options.dns_server:
             conf = conf._replace(nameservers=self.options.dns_server)
+        try:
+            conf = dnssrv.bind_scope_ids(conf)  # `nameserver fe80::1%eth0` needs eth0's index
+        except ValueError as exc:
+            on_done(None, "%s: %s" % (self.resolv_conf_path, exc))
+            return None
         return conf, dnssrv.load_hosts(self.hosts_path)
 
     def refresh(self, on_done) -> None:
-        conf, hosts = self._dns_config()
-        now, rng = self.reactor.clock(), random.SystemRandom()
-        if self.use_srv:
-            names = dnssrv.srv_names(self.options.discovery_srv, self.options.discovery_srv_name)
-            machine = dnssrv.SRVDiscovery(names, conf, rng, now, hosts)
-            self.pending.append(DnsDriver(self.reactor, machine, lambda m: _guarded(
-                on_done, self._srv_done, m, names, on_done)))
-        else:
+        if not self.use_srv:
             self.resolve_static(on_done)
+            return
+        config = self._dns_config(on_done)
+        if config is None:
+            return
+        conf, hosts = config
+        now, rng = self.reactor.clock(), random.SystemRandom()
+        names = dnssrv.srv_names(self.options.discovery_srv, self.options.discovery_srv_name)
+        machine = dnssrv.SRVDiscovery(names, conf, rng, now, hosts)
+        self.pending.append(DnsDriver(self.reactor, machine, lambda m: _guarded(
+            on_done, self._srv_done, m, names, on_done)))
 
     def resolve_static(self, on_done) -> None:
         """Resolve the --endpoints host names (IP literals stay as they are)."""
-        conf, hosts = self._dns_config()
-        now, rng = self.reactor.clock(), random.SystemRandom()
         endpoints = list(self.options.endpoints)
         results = {}
 
@@ -1618,6 +1626,11 @@ class EndpointSource:
         if not unresolved:
             on_done(endpoints, None)
             return
+        config = self._dns_config(on_done)
+        if config is None:
+            return
+        conf, hosts = config
+        now, rng = self.reactor.clock(), random.SystemRandom()
         for index in unresolved:
             machine = dnssrv.AddressLookup(endpoints[index].host, conf, rng, now, hosts)
             self.pending.append(DnsDriver(self.reactor, machine,

@@ -62,10 +62,10 @@ class DNSTestServer:
         # The same port number for UDP and TCP: take a UDP port, then try TCP on it.
         for _ in range(50):
             udp = socket.socket(self._family, socket.SOCK_DGRAM)
-            udp.bind((self.host, 0))
+            udp.bind(self.sockaddr(0))
             tcp = socket.socket(self._family, socket.SOCK_STREAM)
             try:
-                tcp.bind((self.host, udp.getsockname()[1]))
+                tcp.bind(self.sockaddr(udp.getsockname()[1]))
             except OSError:
                 udp.close()
                 tcp.close()
@@ -73,6 +73,12 @@ class DNSTestServer:
             tcp.listen(16)
             return udp, tcp
         raise RuntimeError("no port free for both UDP and TCP")
+
+    def sockaddr(self, port):
+        """`(host, port)` as bind() needs it: getaddrinfo keeps a zone (`fe80::1%lo`) as the
+        scope id, which a plain (host, port) pair loses."""
+        return socket.getaddrinfo(self.host, port, self._family, socket.SOCK_DGRAM, 0,
+                                  socket.AI_NUMERICHOST)[0][4]
 
     def _serve(self):
         with selectors.DefaultSelector() as selector:

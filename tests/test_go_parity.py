@@ -32,6 +32,8 @@ SHARED_CASES = [
     "http://[::1]:2379/",
     "http://127.0.0.1:2379,HTTPS://[::1]:2380",
     "[::1]:2379",
+    "[::1%lo]:2379",
+    "http://[::1%25lo]:2379",       # RFC 6874: a zone in a URL is escaped as %25
     # refused by both
     "127.0.0.1",
     "http://127.0.0.1",
