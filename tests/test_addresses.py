@@ -6,11 +6,14 @@ import random
 import socket
 
 import pytest
+from dnslib import RR
 from hypothesis import given, strategies as st
 
 import endpoints as ep
 import gateway
 from dnsserver import DNSTestServer
+from support import Gateway, free_port, wait_until
+from test_discovery_e2e import refresh_count
 
 V4 = ["10.0.0.9", "10.0.0.10", "192.0.2.1", "127.0.0.2"]
 V6 = ["fd00::2", "2001:db8::1", "::1"]
@@ -149,3 +152,26 @@ def test_host_names_in_endpoints_carry_every_address(tmp_path):
                          "--dns-server=%s:%d" % dns.address)
     assert [(e.host, e.addresses) for e in found] == [
         ("m.multi.test", ("127.0.0.2", "127.0.0.3", "fd00::3")), ("127.0.0.9", ("127.0.0.9",))]
+
+
+# -- a running gateway: a shuffled answer is no change, a new address is -----------------------------
+
+def zone_with(*addresses):
+    return "\n".join(["multi.test. 60 IN SOA ns.multi.test. admin.multi.test. 1 60 60 60 60"]
+                     + ["m.multi.test. 60 IN A %s" % address for address in addresses])
+
+
+def test_a_refresh_that_only_shuffles_the_answer_changes_nothing():
+    metrics_addr = f"127.0.0.1:{free_port()}"
+    with DNSTestServer(zone_with("127.0.0.3", "127.0.0.2")) as dns, Gateway([
+            "start", f"--listen-addr=127.0.0.1:{free_port()}",
+            f"--endpoints=m.multi.test:{free_port()}", "--dns-server=%s:%d" % dns.address,
+            "--discovery-refresh=1s", f"--metrics-addr={metrics_addr}"]) as gateway:
+        mark = len(gateway.log.lines)
+        before = refresh_count(gateway, metrics_addr)
+        dns.records = RR.fromZone(zone_with("127.0.0.2", "127.0.0.3"))
+        assert wait_until(lambda: refresh_count(gateway, metrics_addr) >= before + 2, timeout=15)
+        assert [line for line in gateway.log.lines[mark:] if "endpoints changed" in line] == []
+        dns.records = RR.fromZone(zone_with("127.0.0.4"))     # a real change is still seen
+        line = gateway.log.wait_for("endpoints changed", timeout=15, start=mark)
+        assert line is not None and "127.0.0.2->127.0.0.4" in line, gateway.log.text()
