@@ -9,7 +9,9 @@ This module owns everything the gateway knows about DNS, and imports only the st
   `DNSFormatError` (a `ValueError` carrying the offset), never IndexError, struct.error,
   UnicodeError, a hang or unbounded work.
 * **Configuration**: `parse_resolv_conf`, `parse_hosts`, `parse_dns_servers` take text and return
-  values; `load_resolv_conf` and `load_hosts` take the file path as a parameter.
+  values; `load_resolv_conf` and `load_hosts` take the file path as a parameter.  A nameserver
+  with an IPv6 zone needs its interface's index: `parse_dns_servers` and `bind_scope_ids` look it
+  up (the only contact with the system outside the drivers).
 * **Lookup machines** that do no I/O and never read a clock: `Lookup` drives one question across
   the servers (attempts x servers, a fresh random ID per query, TC -> TCP, SERVFAIL/REFUSED/timeout
   -> next server, CNAME chains); `AddressLookup` resolves a host name to addresses (/etc/hosts
@@ -129,6 +131,12 @@ class Message(NamedTuple):
     @property
     def question(self) -> Optional[Question]:
         return self.questions[0] if self.questions else None
+
+
+def _is_ascii_number(text: str) -> bool:
+    """Digits 0-9 only: str.isdigit() and int() also take other scripts' digits (`٥٣` is 53 to
+    Python), which no resolver, nor Go, reads as a number."""
+    return text.isascii() and text.isdigit()
 
 
 def name_key(name: str) -> str:
@@ -279,7 +287,7 @@ def _split_labels(name: str) -> List[bytes]:
         char = name[index]
         if char == "\\":
             digits = name[index + 1:index + 4]
-            if len(digits) == 3 and digits.isdigit() and int(digits) < 256:
+            if len(digits) == 3 and _is_ascii_number(digits) and int(digits) < 256:
                 current.append(int(digits))
                 index += 4
                 continue
@@ -382,7 +390,9 @@ class TCPFrameReader:
 # Configuration: /etc/resolv.conf, /etc/hosts, --dns-server
 # ---------------------------------------------------------------------------------------------
 
-Server = Tuple[str, int]      # (IP address text, port)
+# What connect() takes: (IP address text, port), or for an IPv6 address with a zone
+# (`fe80::1%eth0`) (text, port, 0, interface index) once `server_address` has looked it up.
+Server = Tuple
 
 # With no usable nameserver line, ask the local host, as Go does (dnsconfig_unix.go).
 DEFAULT_NAMESERVERS = (("127.0.0.1", DNS_PORT), ("::1", DNS_PORT))
@@ -412,7 +422,7 @@ def _ip_text(text: str) -> Optional[str]:
 
 
 def _option_int(value: str, low: int, high: int) -> Optional[int]:
-    if not value.isdigit():
+    if not _is_ascii_number(value):
         return None
     return max(low, min(high, int(value)))
 
@@ -476,8 +486,8 @@ def parse_hosts(text: str) -> Dict[str, Tuple[str, ...]]:
 
 
 def _parse_port(text: str, spec: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError("bad port in DNS server %r" % spec)
+    if not _is_ascii_number(text) or not 0 < int(text) < 65536:
+        raise ValueError("bad port in DNS server %r (want 1-65535 in ASCII digits)" % spec)
     return int(text)
 
 
@@ -495,16 +505,56 @@ def _parse_dns_server(spec: str) -> Server:
     address = _ip_text(host)
     if address is None:
         raise ValueError("DNS server %r is not an IP address" % spec)
-    return address, port
+    try:
+        return server_address(address, port)
+    except ValueError as exc:
+        raise ValueError("%s in DNS server %r" % (exc, spec)) from None
 
 
 def parse_dns_servers(text: str) -> Tuple[Server, ...]:
-    """Parse the --dns-server value `HOST[:PORT][,...]` (IPv6 as `[::1]:53`); ValueError if
-    malformed.  Hosts must be IP addresses: a name would need DNS to find DNS."""
+    """Parse the --dns-server value `HOST[:PORT][,...]` (IPv6 as `[::1]:53`, with a zone as
+    `[fe80::1%eth0]:53`); ValueError if malformed or the zone names no interface.  Hosts must be
+    IP addresses: a name would need DNS to find DNS."""
     specs = [spec.strip() for spec in text.split(",")]
     if not text.strip() or not all(specs):
         raise ValueError("empty DNS server in %r" % text)
     return tuple(_parse_dns_server(spec) for spec in specs)
+
+
+def server_address(address: str, port: int) -> Server:
+    """The socket address of a DNS server: (address, port), or (address, port, 0, scope id) when
+    the address has a zone.  Python drops the `%zone` of a (host, port) pair, and a link-local
+    address without its interface fails with EINVAL.  ValueError for an unknown interface."""
+    _, percent, zone = address.partition("%")
+    return (address, port, 0, _scope_id(zone)) if percent else (address, port)
+
+
+def bind_scope_ids(conf: ResolvConf) -> ResolvConf:
+    """`conf` with the interfaces of its zoned nameservers looked up (`server_address`), as
+    glibc's res_init does when it reads resolv.conf.  Unlike glibc, which then asks such a
+    server unscoped in vain, raise ValueError naming the first one whose interface is unknown."""
+    servers = []
+    for server in conf.nameservers:
+        if len(server) == 2:
+            try:
+                server = server_address(*server)
+            except ValueError as exc:
+                raise ValueError("nameserver %s: %s" % (server[0], exc)) from None
+        servers.append(server)
+    return conf._replace(nameservers=tuple(servers))
+
+
+MAX_SCOPE_ID = 2 ** 32 - 1   # sin6_scope_id is a uint32_t
+
+
+def _scope_id(zone: str) -> int:
+    # The same as endpoints.scope_id: the two leaf modules import nothing of each other.
+    if _is_ascii_number(zone) and int(zone) <= MAX_SCOPE_ID:
+        return int(zone)
+    try:
+        return socket.if_nametoindex(zone)
+    except (OSError, ValueError):   # ValueError: a NUL in the name
+        raise ValueError("no network interface named %r" % zone) from None
 
 
 def _read_text(path: str) -> Optional[str]:
@@ -587,10 +637,18 @@ class Answer(NamedTuple):
 
 
 def _same_server(address: Sequence, server: Server) -> bool:
-    # recvfrom() gives 4-tuples for IPv6; an address text may be written several ways.
+    # recvfrom() gives 4-tuples for IPv6, a zone as the interface's name and its index; an
+    # address text may be written several ways.
     if len(address) < 2 or address[1] != server[1]:
         return False
-    return (_ip_text(str(address[0])) or address[0]) == server[0]
+    if len(address) == 4 and len(server) == 4 and address[3] != server[3]:
+        return False
+    return _bare_ip(str(address[0])) == _bare_ip(server[0])
+
+
+def _bare_ip(text: str) -> str:
+    bare = text.partition("%")[0]
+    return _ip_text(bare) or bare
 
 
 def _follow_cnames(answers: Sequence[Record], name: str, qtype: int) -> Tuple[str, List[Record]]:
@@ -754,7 +812,7 @@ class Lookup:
 
 
 def _server_text(server: Server) -> str:
-    host, port = server
+    host, port = server[0], server[1]
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
@@ -828,14 +886,29 @@ class _Group:
 class Addresses(NamedTuple):
     name: str
     addresses: Tuple[str, ...]     # A records first, then AAAA
-    ttl: Optional[int]             # None for literals and /etc/hosts entries
+    ttl: Optional[int]             # min over the records used; None for literals and /etc/hosts
     source: str                    # "literal", "hosts" or "dns"
+
+    @property
+    def min_ttl(self) -> Optional[int]:
+        """`ttl` under the name Discovery uses: the caller schedules either result alike."""
+        return self.ttl
+
+
+# Once one family has answered with addresses, the other gets this long, then the lookup goes on
+# without it: a server that drops AAAA queries (old resolvers and middleboxes do) would otherwise
+# cost every name timeout x attempts x servers (10 s with resolv.conf's defaults).  RFC 8305
+# section 3 waits 50 ms for AAAA after A, with a user waiting to connect; here nobody waits on a
+# refresh, while a family cut off costs its addresses until the next round and logs a spurious
+# change, so be six times as patient.
+FAMILY_GRACE_DELAY = 0.3
 
 
 class AddressLookup(_Group):
     """Resolve a host name to addresses: an IP literal as it is; /etc/hosts first, as the C
     library does; then A and AAAA concurrently for each name of the search list in turn
-    (`search_names`), stopping at the first name that has any address."""
+    (`search_names`), stopping at the first name that has any address.  Once one family has
+    addresses, the other has FAMILY_GRACE_DELAY more to answer, not a whole timeout."""
 
     def __init__(self, name: str, conf: ResolvConf, rng: random.Random, now: float,
                  hosts: Optional[Mapping[str, Tuple[str, ...]]] = None) -> None:
@@ -845,6 +918,7 @@ class AddressLookup(_Group):
         self._candidates = iter(search_names(name, conf))
         self._answers = []  # type: List[object]
         self._problems = []  # type: List[str]
+        self._grace_deadline = None  # type: Optional[float]
         literal = _ip_text(name.strip("[]"))
         known = (hosts or {}).get(name_key(name))
         if literal is not None or known:
@@ -854,6 +928,16 @@ class AddressLookup(_Group):
             return
         self._next_candidate(now)
         self._settle(now)
+
+    def next_deadline(self) -> Optional[float]:
+        deadlines = [super().next_deadline(), self._grace_deadline]
+        return min((d for d in deadlines if d is not None), default=None)
+
+    def on_timeout(self, now: float) -> None:
+        super().on_timeout(now)
+        if not self.done and self._grace_deadline is not None and now >= self._grace_deadline:
+            self._conclude(now)     # the other family is late: finish with what is in
+            self._settle(now)
 
     def _next_candidate(self, now: float) -> None:
         candidate = next(self._candidates, None)
@@ -866,8 +950,15 @@ class AddressLookup(_Group):
         self._answers.append(child.result or child.error)
         if child.error is not None:
             self._problems.append(str(child.error))
-        if len(self._answers) < 2:
-            return
+        if len(self._answers) == 2:
+            self._conclude(now)
+        elif child.result is not None and child.result.records:
+            self._grace_deadline = now + FAMILY_GRACE_DELAY
+
+    def _conclude(self, now: float) -> None:
+        """Both families of this search name are in, or the grace is over: take the addresses,
+        else go on to the next search name (none left: _settle() finds no children, finishes)."""
+        self._grace_deadline = None
         answers = sorted((a for a in self._answers if isinstance(a, Answer)),
                          key=lambda answer: answer.qtype)
         addresses = tuple(str(v) for answer in answers for v in answer.values)
@@ -877,7 +968,7 @@ class AddressLookup(_Group):
             self.result = Addresses(self.name, addresses, ttl, "dns")
             self.done = True
         else:
-            self._next_candidate(now)   # none left: _settle() finds no children and finishes
+            self._next_candidate(now)
 
     def _finish(self) -> None:
         if self.result is None:
@@ -913,6 +1004,13 @@ class SRVEndpoint(NamedTuple):
 class Discovery(NamedTuple):
     endpoints: Tuple[SRVEndpoint, ...]   # in the order of `names`, then of each SRV answer
     problems: Tuple[str, ...]            # what went wrong on the way, for the logs
+
+    @property
+    def min_ttl(self) -> Optional[int]:
+        """The smallest TTL of the records behind `endpoints` (SRV, CNAME, A/AAAA or glue): when
+        the first of them may have changed.  Negative answers (a name without records) and the
+        records of targets that did not resolve are not counted; None if nothing had a TTL."""
+        return _min_ttl(endpoint.ttl for endpoint in self.endpoints if endpoint.ttl is not None)
 
 
 def _glue(answer: Answer, target: str) -> Tuple[Tuple[str, ...], Optional[int]]:

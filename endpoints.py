@@ -1,9 +1,9 @@
 """Endpoints: parsing, health bookkeeping and the picking policy.
 
-Pure policy: no sockets, no clocks, no logging. The caller passes `now` (monotonic seconds) and a
-`random.Random`, and acts on what these functions return. `gateway.py` dials what `Pool.plan()`
-proposes and reports back with `mark_failed()` / `mark_up()`; discovery replaces the set with
-`Pool.replace()`.
+Pure policy: no sockets (`socket` only names address families and looks up the interfaces of IPv6
+zones), no clocks, no logging. The caller passes `now` (monotonic seconds) and a `random.Random`,
+and acts on what these functions return. `gateway.py` dials what `Pool.plan()` proposes and
+reports back with `mark_failed()` / `mark_up()`; discovery replaces the set with `Pool.replace()`.
 
 Picking follows RFC 2782: only the lowest priority class among the endpoints that are up is used,
 and inside it an endpoint is chosen at random in proportion to its weight (weight-0 endpoints only
@@ -17,15 +17,18 @@ rarely). Two policies sit on top of that choice:
 import enum
 import ipaddress
 import random
+import re
+import socket
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 POLICIES = ("sticky", "round-robin")
 
 
 class Endpoint(NamedTuple):
-    """One etcd member's client address. `host` is what the operator (or DNS) named; `address` is
-    the IP literal to dial once resolved (empty while unresolved). A NamedTuple rather than a
-    dataclass: python3-minimal has no `dataclasses` module."""
+    """One etcd member's client address. `host` is what the operator (or DNS) named; `addresses`
+    are all the IP literals it resolved to, in `order_addresses` order, and `address` is the first
+    of them (empty while unresolved). Build a resolved one with `with_addresses`. A NamedTuple
+    rather than a dataclass: python3-minimal has no `dataclasses` module."""
 
     host: str
     port: int
@@ -34,6 +37,7 @@ class Endpoint(NamedTuple):
     address: str = ""
     secure: bool = False
     tls_name: str = ""  # the name its certificate was verified for (discovery)
+    addresses: Tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return format_hostport(self.host, self.port)
@@ -47,6 +51,83 @@ class Endpoint(NamedTuple):
         """Identity across discovery refreshes: the name and port, not the resolved address."""
         return (self.host, self.port)
 
+    def with_addresses(self, addresses: Iterable[str]) -> "Endpoint":
+        """This endpoint resolved to `addresses` (IP literals in any order, repeats allowed)."""
+        ordered = order_addresses(addresses)
+        return self._replace(addresses=ordered, address=ordered[0] if ordered else "")
+
+    def dial_addresses(self) -> List[Tuple[int, tuple]]:
+        """What the data path connects to, in order: `(family, sockaddr)` for each address, a
+        scoped IPv6 one with its interface index. Empty while a host name is unresolved."""
+        texts = self.addresses or ((self.dial_host,) if _is_ip(self.dial_host) else ())
+        return [socket_address(text, self.port) for text in texts]
+
+
+def order_addresses(addresses: Iterable[str]) -> Tuple[str, ...]:
+    """The one order in which a name's addresses are kept and tried, whatever order DNS gave:
+    IPv4 before IPv6, each by numeric value; repeats once.
+
+    A fixed order, so that an answer that only came back shuffled (round-robin DNS rotates it on
+    every query) is no change. IPv4 first although RFC 6724's default policy and Go's dialer
+    (the resolver's order, IPv6 first on a host with IPv6) prefer IPv6: it is the order this
+    gateway dialled in before (A records before AAAA), and a Go server such as etcd given a host
+    name to listen on (its default `localhost:2379`) listens on the name's IPv4 address only."""
+    ordered: Dict[Tuple[int, bytes, str], str] = {}
+    for text in addresses:
+        ordered.setdefault(_address_order(text), text)
+    return tuple(ordered[key] for key in sorted(ordered))
+
+
+def _address_order(text: str) -> Tuple[int, bytes, str]:
+    bare, _, zone = text.partition("%")
+    address = ipaddress.ip_address(bare)
+    return address.version, address.packed, zone
+
+
+def readdressed(before: Sequence[Endpoint],
+                after: Sequence[Endpoint]) -> List[Tuple[Endpoint, Endpoint]]:
+    """The (old, new) pairs of endpoints present in both sets whose address set changed. The
+    order of the addresses is no change: only which addresses there are."""
+    old = {endpoint.key: endpoint for endpoint in before}
+    return [(old[endpoint.key], endpoint) for endpoint in after
+            if endpoint.key in old and _address_set(old[endpoint.key]) != _address_set(endpoint)]
+
+
+def _address_set(endpoint: Endpoint) -> frozenset:
+    return frozenset(_address_order(text) for text in endpoint.addresses
+                     or ((endpoint.address,) if endpoint.address else ()))
+
+
+def socket_address(text: str, port: int) -> Tuple[int, tuple]:
+    """(family, sockaddr) for an IP literal. A zone (`fe80::1%eth0`) becomes the sockaddr's scope
+    id, looked up at each call as Go's dialer does; an interface gone since start-up gives 0, and
+    the connect fails (EINVAL) like any unroutable address."""
+    if ":" not in text:
+        return socket.AF_INET, (text, port)
+    bare, _, zone = text.partition("%")
+    try:
+        scope = scope_id(zone)
+    except ValueError:
+        scope = 0
+    return socket.AF_INET6, (bare, port, 0, scope)
+
+
+MAX_SCOPE_ID = 2 ** 32 - 1   # sin6_scope_id is a uint32_t
+
+
+def scope_id(zone: str) -> int:
+    """The interface index an IPv6 zone names (`eth0`, or the index itself; "" is 0), which a
+    link-local sockaddr needs: Python drops the `%zone` of a (host, port) pair, so connect() to
+    `fe80::1%eth0` fails with EINVAL without it. ValueError for an unknown interface."""
+    if not zone:
+        return 0
+    if is_ascii_number(zone) and int(zone) <= MAX_SCOPE_ID:
+        return int(zone)
+    try:
+        return socket.if_nametoindex(zone)
+    except (OSError, ValueError):   # ValueError: a NUL in the name
+        raise ValueError("no network interface named %r" % zone) from None
+
 
 def format_hostport(host: str, port: int) -> str:
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
@@ -58,7 +139,10 @@ def split_hostport(text: str) -> Tuple[str, int]:
         host, sep, rest = text[1:].partition("]")
         if not sep or not rest.startswith(":"):
             raise ValueError("malformed address %r (want [IPv6]:PORT)" % text)
-        ipaddress.IPv6Address(host.split("%", 1)[0])
+        bare, percent, zone = host.partition("%")
+        ipaddress.IPv6Address(bare)
+        if percent:
+            _check_zone(zone, text)
         port_text = rest[1:]
     else:
         host, sep, port_text = text.rpartition(":")
@@ -68,33 +152,63 @@ def split_hostport(text: str) -> Tuple[str, int]:
             raise ValueError("IPv6 address %r must be written as [ADDR]:PORT" % text)
     if not host:
         raise ValueError("missing host in address %r" % text)
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError("invalid port in address %r" % text)
+    if not is_ascii_number(port_text) or not 0 < int(port_text) < 65536:
+        raise ValueError("invalid port in address %r (want 1-65535 in ASCII digits)" % text)
     if not _is_valid_host(host):
         raise ValueError("invalid host in address %r" % text)
     return host, int(port_text)
+
+
+def _check_zone(zone: str, text: str) -> None:
+    """Refuse an unknown interface at start-up, rather than fail every dial."""
+    if not zone:
+        raise ValueError("empty IPv6 zone in address %r" % text)
+    try:
+        scope_id(zone)
+    except ValueError as exc:
+        raise ValueError("%s in address %r" % (exc, text)) from None
+
+
+def is_ascii_number(text: str) -> bool:
+    """Digits 0-9 only. str.isdigit() and int() also take other scripts' digits (`٢٣٧٩` is 2379
+    to Python), which Go, DNS and every other tool read as garbage."""
+    return text.isascii() and text.isdigit()
 
 
 def _is_valid_host(host: str) -> bool:
     if ":" in host:
         return True  # already validated as IPv6 above
     labels = host.rstrip(".").split(".")
-    return len(host) <= 253 and all(
+    return len(host) <= 253 and host.isascii() and all(
         0 < len(label) <= 63 and all(c.isalnum() or c in "-_" for c in label) for label in labels
     )
 
 
+# RFC 3986 section 3.1: a scheme is a letter, then letters, digits, "+", "-" or ".".
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_URL_AUTHORITY_END = re.compile(r"[/?#]")
+
+
+def strip_url(text: str) -> Tuple[str, bool]:
+    """`SCHEME://[USER@]HOST:PORT[/PATH][?QUERY][#FRAGMENT]` -> (`HOST:PORT`, is `https`), as the
+    Go gateway keeps only url.Parse's Host: any scheme in any case, the rest dropped, and a zone
+    escaped as `%25` (RFC 6874) unescaped. Text without `SCHEME://` comes back as it is."""
+    match = _URL_SCHEME.match(text)
+    if match is None:
+        return text, False
+    authority = _URL_AUTHORITY_END.split(text[match.end():], 1)[0]
+    hostport = authority.rpartition("@")[2].replace("%25", "%")
+    return hostport, match.group(1).lower() == "https"
+
+
 def parse_endpoint(text: str) -> Endpoint:
-    """Parse one `--endpoints` item. `http://` and `https://` prefixes are stripped, as etcd does;
-    `https://` marks the member as TLS, for health checks (the relay forwards bytes either way)."""
-    text = text.strip()
-    secure = text.startswith("https://")
-    for scheme in ("http://", "https://"):
-        if text.startswith(scheme):
-            text = text[len(scheme):].rstrip("/")
-            break
-    host, port = split_hostport(text)
-    return Endpoint(host=host, port=port, address=host if _is_ip(host) else "", secure=secure)
+    """Parse one `--endpoints` item: `HOST:PORT`, `[IPv6]:PORT` or a URL whose host and port are
+    kept, as etcd does; an `https` URL marks the member as TLS, for health checks (the relay
+    forwards bytes either way)."""
+    hostport, secure = strip_url(text.strip())
+    host, port = split_hostport(hostport)
+    endpoint = Endpoint(host=host, port=port, secure=secure)
+    return endpoint.with_addresses((host,)) if _is_ip(host) else endpoint
 
 
 def parse_endpoints(text: str) -> List[Endpoint]:
@@ -109,7 +223,7 @@ def parse_endpoints(text: str) -> List[Endpoint]:
 
 def _is_ip(host: str) -> bool:
     try:
-        ipaddress.ip_address(host)
+        ipaddress.ip_address(host.partition("%")[0])  # Python < 3.9 knows no IPv6 zones
     except ValueError:
         return False
     return True
@@ -160,10 +274,13 @@ class Health:
     """
 
     __slots__ = ("endpoint", "down_until", "last_error", "active", "dial_failures", "healthy",
-                 "check_failures", "check_successes")
+                 "check_failures", "check_successes", "dial_order")
 
     def __init__(self, endpoint: Endpoint):
         self.endpoint = endpoint
+        # (family, sockaddr) of each address, the one that last answered first: a connection
+        # stays with the address that works (sticky) until it fails.
+        self.dial_order = endpoint.dial_addresses()
         self.down_until: Optional[float] = None
         self.last_error = ""
         self.active = 0
@@ -213,7 +330,8 @@ class Pool:
         return [self._health[endpoint.key] for endpoint in self._order]
 
     def replace(self, endpoints: Sequence[Endpoint]) -> Tuple[List[Endpoint], List[Endpoint]]:
-        """Install a new set; endpoints that stay keep their health. Returns (added, removed)."""
+        """Install a new set; endpoints that stay (same `key`) keep their health, whatever their
+        addresses now are (`readdressed` tells which changed). Returns (added, removed)."""
         new_keys = {endpoint.key for endpoint in endpoints}
         removed = [endpoint for endpoint in self._order if endpoint.key not in new_keys]
         added = [endpoint for endpoint in endpoints if endpoint.key not in self._health]
@@ -221,6 +339,8 @@ class Pool:
         for endpoint in endpoints:
             old = self._health.get(endpoint.key)
             entry = old if old is not None else Health(endpoint)
+            if old is not None and old.endpoint.addresses != endpoint.addresses:
+                entry.dial_order = endpoint.dial_addresses()
             entry.endpoint = endpoint
             health[endpoint.key] = entry
         self._health = health
@@ -343,13 +463,22 @@ class Pool:
         """At least one endpoint is reachable and (when checked) healthy."""
         return any(entry.up and entry.healthy for entry in self._health.values())
 
-    def connection_opened(self, endpoint: Endpoint) -> bool:
-        """Count a relayed connection; a dial that succeeded also marks the endpoint up.
-        Returns True when the endpoint has just come back (as `mark_up` does)."""
+    def dial_order(self, endpoint: Endpoint) -> List[Tuple[int, tuple]]:
+        """The (family, sockaddr) of `endpoint`'s addresses in the order to try them."""
+        entry = self._health.get(endpoint.key)
+        return entry.dial_order if entry is not None else endpoint.dial_addresses()
+
+    def connection_opened(self, endpoint: Endpoint, address: Optional[Tuple[int, tuple]] = None) -> bool:
+        """Count a relayed connection (to `address` of the endpoint); a dial that succeeded also
+        marks the endpoint up. Returns True when the endpoint has just come back (as `mark_up`
+        does)."""
         entry = self._health.get(endpoint.key)
         if entry is None:
             return False
         entry.active += 1
+        order = entry.dial_order
+        if address is not None and order and order[0] != address and address in order:
+            entry.dial_order = [address] + [other for other in order if other != address]
         return self._bring_up(entry)
 
     def connection_closed(self, endpoint: Endpoint) -> None:

@@ -40,7 +40,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import dnssrv
 import endpoints as ep
@@ -187,7 +187,8 @@ class Log:
 
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3,
                    "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+# re.ASCII: Go's time.ParseDuration takes ASCII digits only; \d and float() would take any script's.
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)", re.ASCII)
 
 
 def parse_duration(text: str) -> float:
@@ -225,6 +226,19 @@ def _positive_duration_arg(text: str) -> float:
     if seconds < MIN_INTERVAL_SECONDS:
         raise argparse.ArgumentTypeError("%r is too short (at least %s)"
                                          % (text, format_duration(MIN_INTERVAL_SECONDS)))
+    return seconds
+
+
+MIN_DISCOVERY_REFRESH_SECONDS = 1.0
+
+
+def _discovery_refresh_arg(text: str) -> float:
+    """0 means start-up only; anything else at least 1s: every refresh costs DNS queries (and TLS
+    handshakes for secure discovery) on every host of the fleet, and `1ns` re-resolved in a loop."""
+    seconds = _duration_arg(text)
+    if 0 < seconds < MIN_DISCOVERY_REFRESH_SECONDS:
+        raise argparse.ArgumentTypeError("%r is too short (0 = only at start-up, else at least %s)"
+                                         % (text, format_duration(MIN_DISCOVERY_REFRESH_SECONDS)))
     return seconds
 
 
@@ -306,9 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how long open connections may run after SIGTERM/SIGINT (default 10s)")
     ext.add_argument("--dns-server", type=_dns_servers_arg, default=(), metavar="HOST[:PORT],...",
                      help="DNS servers for discovery and host names, replacing /etc/resolv.conf's")
-    ext.add_argument("--discovery-refresh", type=_duration_arg, default=30.0, metavar="DURATION",
+    ext.add_argument("--discovery-refresh", type=_discovery_refresh_arg, default=30.0,
+                     metavar="DURATION",
                      help="how often discovery (and host names in --endpoints) are resolved again; "
-                          "0 = only at start-up (default 30s)")
+                          "at least 1s; 0 = only at start-up (default 30s)")
     ext.add_argument("--metrics-addr", type=_hostport_arg, default=None, metavar="HOST:PORT",
                      help="serve /metrics, /health and /endpoints over HTTP here (default off)")
     ext.add_argument("--health-check", choices=("tcp", "etcd"), default="tcp",
@@ -647,9 +662,11 @@ class Dial:
     endpoint's."""
 
     def __init__(self, reactor: Reactor, endpoint: ep.Endpoint, timeout: float, on_done,
-                 budget: Optional[float] = None):
+                 budget: Optional[float] = None, address: Optional[Tuple[int, tuple]] = None):
         self.reactor = reactor
         self.endpoint = endpoint
+        # (family, sockaddr) to connect to: one of the endpoint's addresses (default its first)
+        self.address = address
         self.timeout = timeout
         self.budget = budget or timeout  # the bound to name when it runs out (the client's whole)
         self.on_done = on_done
@@ -661,7 +678,13 @@ class Dial:
         return "<Dial %s>" % (self.endpoint,)
 
     def start(self) -> None:
-        family, address = sockaddr_for(self.endpoint.dial_host, self.endpoint.port)
+        if self.address is None:
+            addresses = self.endpoint.dial_addresses()
+            if not addresses:
+                self._finish(None, "no address for " + str(self.endpoint))
+                return
+            self.address = addresses[0]
+        family, address = self.address
         try:
             sock = self.sock = socket.socket(family, STREAM_NONBLOCK)
             if STREAM_NONBLOCK == socket.SOCK_STREAM:
@@ -861,6 +884,10 @@ class RelayHost:
         """The endpoints to try for a new client, best first (the policy's current choice)."""
         raise NotImplementedError
 
+    def dial_order(self, endpoint: ep.Endpoint) -> List[Tuple[int, tuple]]:
+        """(family, sockaddr) of `endpoint`'s addresses in the order to try them."""
+        return endpoint.dial_addresses()
+
     def relay_connected(self, relay: "Relay") -> None:
         """`relay` has connected to `relay.endpoint` and relays from now on."""
 
@@ -905,6 +932,8 @@ class Relay:
         self.tried = set()
         self.endpoint = None
         self.attempts = []  # Dials in flight, oldest first
+        self.targets = []  # (endpoint, address) still to try of the endpoint taken from the plan
+        self.address = None  # the (family, sockaddr) relayed to
         self.connect_deadline = 0.0
         self.stagger_timer = None
         self.retry_timer = None
@@ -941,19 +970,32 @@ class Relay:
             self.reactor.cancel(self.stagger_timer)
             self.stagger_timer = None
         remaining = self.connect_deadline - self.reactor.clock()
-        if not self.plan or remaining <= 0:
+        target = self._next_target() if remaining > 0 else None
+        if target is None:
             if not self.attempts:
                 self.host.no_upstream(self)
                 self._close()
             return
-        endpoint = self.plan.pop(0)
-        self.tried.add(endpoint.key)
-        dial = Dial(self.reactor, endpoint, remaining, self._dialed, self.host.connect_timeout)
+        endpoint, address = target
+        dial = Dial(self.reactor, endpoint, remaining, self._dialed, self.host.connect_timeout, address)
         self.attempts.append(dial)
         dial.start()
         if self.state is DIALING:  # not connected at once (the loopback fast path)
             self.reactor.cancel(self.stagger_timer)  # one armed by a failure inside start()
             self.stagger_timer = self.reactor.call_later(self.host.dial_timeout, self._attempt_next)
+
+    def _next_target(self):
+        """(endpoint, address) to try next: the addresses of one endpoint in turn (the one that
+        last answered first), then those of the plan's next endpoint; None when all were tried."""
+        while not self.targets:
+            if not self.plan:
+                return None
+            endpoint = self.plan.pop(0)
+            self.tried.add(endpoint.key)
+            self.targets = [(endpoint, address) for address in self.host.dial_order(endpoint)]
+            if not self.targets:
+                self.host.dial_failed(endpoint, "no address")
+        return self.targets.pop(0)
 
     def _wait_for_descriptor(self, endpoint: ep.Endpoint, reason: str) -> None:
         """Out of descriptors or ports is our problem, not the endpoint's: keep the client waiting
@@ -963,6 +1005,7 @@ class Relay:
             self._close(reset=True)
             return
         self.host.local_fault(self, reason, giving_up=False)
+        self.targets = []
         self.plan.insert(0, endpoint)
         self.tried.discard(endpoint.key)
         # A fresh connect budget: the wait was ours, not the network's.
@@ -972,26 +1015,34 @@ class Relay:
     def _dialed(self, dial: Dial, sock, reason) -> None:
         self.attempts.remove(dial)
         if sock is not None:
-            self._connected(dial.endpoint, sock)
+            self._connected(dial, sock)
         elif dial.local_failure:
             if not self.attempts:
                 self._wait_for_descriptor(dial.endpoint, reason)
         else:
-            self.host.dial_failed(dial.endpoint, reason)
-            # Plan again: after a failure the policy chooses anew (sticky's next endpoint serves
-            # this client too), and endpoints already tried are not tried twice. A failure moves
-            # on at once; only slowness waits for --dial-timeout.
-            self.plan = [e for e in self.host.plan() if e.key not in self.tried]
-            self._attempt_next()
+            self._failed(dial.endpoint, reason)
+            self._attempt_next()  # a failure moves on at once; only slowness waits
 
-    def _connected(self, endpoint: ep.Endpoint, sock) -> None:
+    def _failed(self, endpoint: ep.Endpoint, reason: str) -> None:
+        """One address of `endpoint` failed; the endpoint has failed once none is left to try."""
+        key = endpoint.key
+        if any(e.key == key for e, _ in self.targets) or any(d.endpoint.key == key for d in self.attempts):
+            return
+        self.host.dial_failed(endpoint, reason)
+        # Plan again: after a failure the policy chooses anew (sticky's next endpoint serves
+        # this client too), and endpoints already tried are not tried twice.
+        self.plan = [e for e in self.host.plan() if e.key not in self.tried]
+
+    def _connected(self, dial: Dial, sock) -> None:
         if self.attempts:  # the losers of a race
             self.reactor.cancel(self.stagger_timer)
             self.stagger_timer = None
             for loser in self.attempts:
                 self.host.attempt_outlived(loser)
             self.attempts = []
-        self.endpoint = endpoint
+        self.targets = []
+        self.endpoint = dial.endpoint
+        self.address = dial.address
         self.upstream_sock = sock
         try:
             tune_stream(sock)
@@ -1871,26 +1922,30 @@ class EndpointSource:
     def dynamic(self) -> bool:
         return self.use_srv or any(not endpoint.address for endpoint in self.options.endpoints)
 
-    def _dns_config(self):
-        conf = dnssrv.load_resolv_conf(self.resolv_conf_path)
-        if self.options.dns_server:
-            conf = conf._replace(nameservers=self.options.dns_server)
-        return conf, dnssrv.load_hosts(self.hosts_path)
-
-    def _dns_config_or_report(self, on_done):
-        """The DNS configuration, or None after telling `on_done` why it cannot be read."""
+    def _dns_config(self, on_done):
+        """resolv.conf (its nameservers replaced by --dns-server) and the hosts file, read afresh
+        for every round; None after telling `on_done` why they cannot be read or used."""
         try:
-            return self._dns_config()
+            conf = dnssrv.load_resolv_conf(self.resolv_conf_path)
+            hosts = dnssrv.load_hosts(self.hosts_path)
         except (OSError, UnicodeError) as exc:
             on_done(None, "cannot read the DNS configuration (%s, %s): %s"
                     % (self.resolv_conf_path, self.hosts_path, error_reason(exc)))
             return None
+        if self.options.dns_server:
+            conf = conf._replace(nameservers=self.options.dns_server)
+        try:
+            conf = dnssrv.bind_scope_ids(conf)  # `nameserver fe80::1%eth0` needs eth0's index
+        except ValueError as exc:
+            on_done(None, "%s: %s" % (self.resolv_conf_path, exc))
+            return None
+        return conf, hosts
 
     def refresh(self, on_done) -> None:
         if not self.use_srv:
             self.resolve_static(on_done)
             return
-        config = self._dns_config_or_report(on_done)
+        config = self._dns_config(on_done)
         if config is None:
             return
         conf, hosts = config
@@ -1902,11 +1957,6 @@ class EndpointSource:
 
     def resolve_static(self, on_done) -> None:
         """Resolve the --endpoints host names (IP literals stay as they are)."""
-        config = self._dns_config_or_report(on_done)
-        if config is None:
-            return
-        conf, hosts = config
-        now, rng = self.reactor.clock(), random.SystemRandom()
         endpoints = list(self.options.endpoints)
         results = {}
 
@@ -1919,6 +1969,11 @@ class EndpointSource:
         if not unresolved:
             on_done(endpoints, None)
             return
+        config = self._dns_config(on_done)
+        if config is None:
+            return
+        conf, hosts = config
+        now, rng = self.reactor.clock(), random.SystemRandom()
         for index in unresolved:
             machine = dnssrv.AddressLookup(endpoints[index].host, conf, rng, now, hosts)
             self.pending.append(DnsDriver(self.reactor, machine,
@@ -1930,7 +1985,7 @@ class EndpointSource:
             if machine.error is not None or not machine.result.addresses:
                 on_done(None, "cannot resolve endpoint %s: %s" % (endpoints[index], machine.error))
                 return
-            endpoints[index] = endpoints[index]._replace(address=machine.result.addresses[0])
+            endpoints[index] = endpoints[index].with_addresses(machine.result.addresses)
         on_done(endpoints, None)
 
     def _srv_done(self, machine, names, on_done) -> None:
@@ -1942,7 +1997,7 @@ class EndpointSource:
         candidates, rejected = [], list(machine.result.problems)
         for record in machine.result.endpoints:
             endpoint = ep.Endpoint(record.target, record.port, record.priority, record.weight,
-                                   record.addresses[0], record.secure)
+                                   secure=record.secure).with_addresses(record.addresses)
             if not record.secure and not self.options.insecure_discovery:
                 rejected.append("%s is insecure (from _etcd-client; allowed by --insecure-discovery)"
                                 % (endpoint,))
@@ -2070,6 +2125,7 @@ class Connections(RelayHost):
         self.data = data
         self.health = health
         self.plan = pool.plan  # RelayHost.plan: the policy's choice, straight from the pool
+        self.dial_order = pool.dial_order
         self.listener = None
         self.relays = set()
         self.pipe_trim_timer = None
@@ -2109,7 +2165,7 @@ class Connections(RelayHost):
     # -- what the relays report (RelayHost) ---------------------------------------------------------
 
     def relay_connected(self, relay: Relay) -> None:
-        if self.pool.connection_opened(relay.endpoint):
+        if self.pool.connection_opened(relay.endpoint, relay.address):
             self.log.info("endpoint up", endpoint=str(relay.endpoint), reason="dial succeeded")
 
     def dial_failed(self, endpoint: ep.Endpoint, reason: str) -> None:
@@ -2426,10 +2482,10 @@ class Gateway:
     def apply_endpoints(self, endpoints: Sequence[ep.Endpoint]) -> None:
         """Install a new set: staying endpoints keep their health; removed ones get no new
         connections, and their open connections are left alone."""
-        before = {endpoint.key: endpoint for endpoint in self.pool.endpoints}
+        moved = ["%s %s->%s" % (new, "/".join(old.addresses or (old.address,)),
+                                "/".join(new.addresses or (new.address,)))
+                 for old, new in ep.readdressed(self.pool.endpoints, endpoints)]
         added, removed = self.pool.replace(endpoints)
-        moved = ["%s %s->%s" % (e, before[e.key].address, e.address) for e in endpoints
-                 if e.key in before and before[e.key].address != e.address]
         if added or removed or moved:
             self.log.info("endpoints changed", endpoints=[str(e) for e in endpoints],
                           added=[str(e) for e in added], removed=[str(e) for e in removed],

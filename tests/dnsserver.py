@@ -7,6 +7,7 @@ against an independent implementation of the wire format.  Misbehaviour modes:
   normal    answer from the zone (CNAME chains chased, SRV glue in the additional section)
   servfail  every reply is SERVFAIL;  refused: every reply is REFUSED
   silent    never reply (queries are still recorded)
+  drop-aaaa answer every query but AAAA, which gets no reply at all (as from some middleboxes)
   truncate  UDP replies are empty with TC set; the full answer only over TCP
   spoof     before the real UDP answer send: a reply with a wrong ID, one with a wrong question,
             the real answer from a different source port, and garbage bytes
@@ -20,7 +21,7 @@ import threading
 
 from dnslib import QTYPE, RCODE, RR, DNSRecord
 
-MODES = ("normal", "servfail", "refused", "silent", "truncate", "spoof")
+MODES = ("normal", "servfail", "refused", "silent", "truncate", "spoof", "drop-aaaa")
 
 
 class DNSTestServer:
@@ -61,10 +62,10 @@ class DNSTestServer:
         # The same port number for UDP and TCP: take a UDP port, then try TCP on it.
         for _ in range(50):
             udp = socket.socket(self._family, socket.SOCK_DGRAM)
-            udp.bind((self.host, 0))
+            udp.bind(self.sockaddr(0))
             tcp = socket.socket(self._family, socket.SOCK_STREAM)
             try:
-                tcp.bind((self.host, udp.getsockname()[1]))
+                tcp.bind(self.sockaddr(udp.getsockname()[1]))
             except OSError:
                 udp.close()
                 tcp.close()
@@ -72,6 +73,12 @@ class DNSTestServer:
             tcp.listen(16)
             return udp, tcp
         raise RuntimeError("no port free for both UDP and TCP")
+
+    def sockaddr(self, port):
+        """`(host, port)` as bind() needs it: getaddrinfo keeps a zone (`fe80::1%lo`) as the
+        scope id, which a plain (host, port) pair loses."""
+        return socket.getaddrinfo(self.host, port, self._family, socket.SOCK_DGRAM, 0,
+                                  socket.AI_NUMERICHOST)[0][4]
 
     def _serve(self):
         with selectors.DefaultSelector() as selector:
@@ -87,7 +94,7 @@ class DNSTestServer:
     def _on_udp(self):
         data, client = self._udp.recvfrom(65535)
         request = self._parse(data, "udp")
-        if request is None or self.mode == "silent":
+        if self._unanswered(request):
             return
         reply = self._reply(request)
         if self.mode == "truncate":
@@ -116,7 +123,7 @@ class DNSTestServer:
             try:
                 length = struct.unpack("!H", _recv_exactly(conn, 2))[0]
                 request = self._parse(_recv_exactly(conn, length), "tcp")
-                if request is None or self.mode == "silent":
+                if self._unanswered(request):
                     return
                 payload = self._reply(request).pack()
                 conn.sendall(struct.pack("!H", len(payload)) + payload)
@@ -132,6 +139,10 @@ class DNSTestServer:
             self.queries.append((transport, str(request.q.qname).rstrip(".").lower(),
                                  QTYPE[request.q.qtype]))
         return request
+
+    def _unanswered(self, request):
+        return (request is None or self.mode == "silent"
+                or (self.mode == "drop-aaaa" and request.q.qtype == QTYPE.AAAA))
 
     # -- answers ----------------------------------------------------------------------------
 
