@@ -174,4 +174,4 @@ def test_a_refresh_that_only_shuffles_the_answer_changes_nothing():
         assert [line for line in gateway.log.lines[mark:] if "endpoints changed" in line] == []
         dns.records = RR.fromZone(zone_with("127.0.0.4"))     # a real change is still seen
         line = gateway.log.wait_for("endpoints changed", timeout=15, start=mark)
-        assert line is not None and "127.0.0.2->127.0.0.4" in line, gateway.log.text()
+        assert line is not None and "127.0.0.2/127.0.0.3->127.0.0.4" in line, gateway.log.text()

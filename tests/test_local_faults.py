@@ -51,7 +51,8 @@ def test_refresh_survives_an_unreadable_resolv_conf_and_resumes(tmp_path):
             gateway.signal(signal.SIGHUP)
             assert wait_until(lambda: refreshes(metrics_addr).get("error") == 1, timeout=10), \
                 gateway.log.text()
-            assert "cannot read the DNS configuration" in gateway.log.text()
+            assert gateway.log.wait_for("cannot read the DNS configuration", timeout=10), \
+                gateway.log.text()
             in_mount_namespace_of(gateway.pid, "umount", "/etc")
             gateway.signal(signal.SIGHUP)
             assert wait_until(lambda: refreshes(metrics_addr).get("ok") == 1, timeout=10), \
