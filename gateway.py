@@ -1772,7 +1772,8 @@ class EndpointSource:
         self.resolv_conf_path = resolv_conf_path
         self.hosts_path = hosts_path
         self.use_srv = bool(options.discovery_srv)
-        self.validated = set()  # (target, port, address) that passed TLS validation once
+        # (target, port, address) that passed TLS validation once -> the name it passed for
+        self.validated = {}
         self.pending = []
 
     @property
@@ -1883,9 +1884,12 @@ class TlsValidation:
 
     def start(self) -> None:
         domain = dnssrv.name_key(self.source.options.discovery_srv)
+        validated = self.source.validated
         unchecked = [endpoint for endpoint in self.candidates
-                     if (endpoint.host, endpoint.port, endpoint.address) not in self.source.validated]
-        self.accepted = [endpoint for endpoint in self.candidates if endpoint not in unchecked]
+                     if (endpoint.host, endpoint.port, endpoint.address) not in validated]
+        # Not checked again, but still verified for that name (health checks use tls_name).
+        self.accepted = [e._replace(tls_name=validated[e.host, e.port, e.address])
+                         for e in self.candidates if e not in unchecked]
         # All are counted before any starts: a check may finish inside start() (loopback).
         self.waiting = len(unchecked)
         for endpoint in unchecked:
@@ -1914,7 +1918,7 @@ class TlsValidation:
 
     def _checked(self, endpoint, name, reasons) -> None:
         if name is not None:
-            self.source.validated.add((endpoint.host, endpoint.port, endpoint.address))
+            self.source.validated[endpoint.host, endpoint.port, endpoint.address] = name
             self.accepted.append(endpoint._replace(tls_name=name))
         else:
             self.rejected.append("%s failed TLS validation (%s)" % (endpoint, "; ".join(reasons)))
