@@ -1008,9 +1008,13 @@ class Relay:
         self.targets = []
         self.plan.insert(0, endpoint)
         self.tried.discard(endpoint.key)
+        self.retry_timer = self.reactor.call_later(ACCEPT_PAUSE_DELAY, self._retry_after_local_fault)
+
+    def _retry_after_local_fault(self) -> None:
+        self.retry_timer = None
         # A fresh connect budget: the wait was ours, not the network's.
-        self.connect_deadline = self.reactor.clock() + ACCEPT_PAUSE_DELAY + self.host.connect_timeout
-        self.retry_timer = self.reactor.call_later(ACCEPT_PAUSE_DELAY, self._attempt_next)
+        self.connect_deadline = self.reactor.clock() + self.host.connect_timeout
+        self._attempt_next()
 
     def _dialed(self, dial: Dial, sock, reason) -> None:
         self.attempts.remove(dial)
@@ -1915,7 +1919,8 @@ class EndpointSource:
         self.resolv_conf_path = resolv_conf_path
         self.hosts_path = hosts_path
         self.use_srv = bool(options.discovery_srv)
-        self.validated = set()  # (target, port, address) that passed TLS validation once
+        # (target, port, address) that passed TLS validation once -> the name it passed for
+        self.validated = {}
         self.pending = []
 
     @property
@@ -2045,9 +2050,12 @@ class TlsValidation:
 
     def start(self) -> None:
         domain = dnssrv.name_key(self.source.options.discovery_srv)
+        validated = self.source.validated
         unchecked = [endpoint for endpoint in self.candidates
-                     if (endpoint.host, endpoint.port, endpoint.address) not in self.source.validated]
-        self.accepted = [endpoint for endpoint in self.candidates if endpoint not in unchecked]
+                     if (endpoint.host, endpoint.port, endpoint.address) not in validated]
+        # Not checked again, but still verified for that name (health checks use tls_name).
+        self.accepted = [e._replace(tls_name=validated[e.host, e.port, e.address])
+                         for e in self.candidates if e not in unchecked]
         # All are counted before any starts: a check may finish inside start() (loopback).
         self.waiting = len(unchecked)
         for endpoint in unchecked:
@@ -2076,7 +2084,7 @@ class TlsValidation:
 
     def _checked(self, endpoint, name, reasons) -> None:
         if name is not None:
-            self.source.validated.add((endpoint.host, endpoint.port, endpoint.address))
+            self.source.validated[endpoint.host, endpoint.port, endpoint.address] = name
             self.accepted.append(endpoint._replace(tls_name=name))
         else:
             self.rejected.append("%s failed TLS validation (%s)" % (endpoint, "; ".join(reasons)))

@@ -1,7 +1,6 @@
 """Unit tests of gateway.py's pure parts: Go durations, CLI parsing, log formatting, timers."""
 import io
 import json
-import selectors
 
 import pytest
 from hypothesis import given, strategies as st
@@ -157,130 +156,6 @@ def test_a_failing_timer_is_logged_and_the_loop_goes_on():
     reactor.call_later(0.0, fired.append, 1)
     reactor._run_due_timers()
     assert fired == [1] and "ZeroDivisionError" in stream.getvalue()
-    reactor.close()
-
-
-# -- busy polling --------------------------------------------------------------------------------
-
-class ScriptedSelect:
-    """A select function that answers from a script and lets `clock` advance per call: each
-    entry is (seconds the call takes, events it returns)."""
-
-    def __init__(self, clock, script):
-        self.clock, self.script, self.timeouts = clock, list(script), []
-
-    def __call__(self, timeout):
-        self.timeouts.append(timeout)
-        assert self.script, "select called more often than scripted"
-        took, events = self.script.pop(0)
-        self.clock.advance(took)
-        return events
-
-
-@given(st.floats(0, 1.0), st.floats(1e-6, 1e-3))
-def test_spin_window_fits_the_limit_and_covers_short_waits(waited, limit):
-    window = gateway.spin_window_after(waited, limit)
-    assert 0.0 <= window <= limit
-    if waited <= limit:
-        assert window >= waited  # the next wait that long is caught by the spin
-    elif waited <= 2 * limit:
-        assert window == limit  # that wait included our own wake-up: spinning may catch it
-    else:
-        assert window == 0.0  # sparse traffic: no spinning at all
-
-
-def lone(handler, fd=3):
-    """A batch of one event for `handler` on `fd`, shaped like selectors' (key, mask) pairs."""
-    return [(selectors.SelectorKey(None, fd, selectors.EVENT_READ, handler), selectors.EVENT_READ)]
-
-
-def busy_reactor(clock, limit, conversation="relay"):
-    """A reactor with busy polling that has learnt a short gap in one lone conversation."""
-    reactor = gateway.Reactor(clock=clock, busy_poll=gateway.BusyPoll(limit))
-    for _ in range(2):
-        reactor._wait(ScriptedSelect(clock, [(limit * 0.8, lone(conversation))]), None)
-    return reactor
-
-
-def test_without_busy_poll_one_sleeping_select():
-    clock = FakeClock()
-    reactor = gateway.Reactor(clock=clock)
-    select = ScriptedSelect(clock, [(0.5, lone("relay"))])
-    assert reactor._wait(select, 3.0) == lone("relay")
-    assert select.timeouts == [3.0]
-    reactor.close()
-
-
-def test_busy_poll_learns_a_short_gap_then_catches_the_next_one_spinning():
-    clock = FakeClock()
-    reactor = gateway.Reactor(clock=clock, busy_poll=gateway.BusyPoll(100e-6))
-    for _ in range(2):  # the first lone batch starts a conversation, the second continues it
-        first = ScriptedSelect(clock, [(40e-6, lone("relay"))])
-        assert reactor._wait(first, None) == lone("relay")
-        assert first.timeouts == [None]  # nothing learnt yet: sleep at once
-    spun = ScriptedSelect(clock, [(10e-6, [])] * 3 + [(10e-6, lone("relay"))])
-    assert reactor._wait(spun, None) == lone("relay")
-    assert spun.timeouts == [0, 0, 0, 0]  # caught without sleeping
-    reactor.close()
-
-
-def test_busy_poll_gives_up_after_its_window_and_stops_after_a_long_wait():
-    clock = FakeClock()
-    reactor = busy_reactor(clock, 100e-6)
-    missed = ScriptedSelect(clock, [(30e-6, [])] * 4 + [(0.5, lone("relay"))])
-    assert reactor._wait(missed, 2.0) == lone("relay")
-    spins = missed.timeouts[:-1]
-    assert spins and all(t == 0 for t in spins) and len(spins) <= 4
-    assert 1.99 < missed.timeouts[-1] < 2.0  # the sleep keeps the timer's deadline
-    after = ScriptedSelect(clock, [(1e-3, lone("relay"))])
-    reactor._wait(after, None)
-    assert after.timeouts == [None]  # the long wait switched spinning off
-    reactor.close()
-
-
-@pytest.mark.parametrize("batch", [
-    lone("another relay"),  # a second conversation takes a turn
-    lone("relay") + lone("another relay"),  # two at once
-    [],  # a timer was due
-], ids=["another-handler", "two-events", "no-events"])
-def test_busy_poll_stops_once_the_conversation_is_not_alone(batch):
-    clock = FakeClock()
-    reactor = busy_reactor(clock, 100e-6)
-    reactor._wait(ScriptedSelect(clock, [(150e-6, batch), (0.0, [])]), 1e-3)  # spun, then slept
-    for _ in range(2):
-        after = ScriptedSelect(clock, [(20e-6, lone("relay"))])
-        reactor._wait(after, None)
-        assert after.timeouts == [None]  # slept: events of several are batched, not spun for
-    again = ScriptedSelect(clock, [(20e-6, lone("relay"))])
-    reactor._wait(again, None)
-    assert again.timeouts == [0]  # alone for two batches again: spinning resumes
-    reactor.close()
-
-
-def test_busy_poll_learns_the_gap_after_each_descriptor_apart():
-    """Request/response: the backend answers at once, the client pauses before its next request.
-    Spin for the answer (after the client's event), sleep through the pause (after the backend's)."""
-    clock = FakeClock()
-    reactor = gateway.Reactor(clock=clock, busy_poll=gateway.BusyPoll(50e-6))
-    client, backend = 5, 6
-    timeouts = []
-    for _ in range(4):
-        answer = ScriptedSelect(clock, [(20e-6, lone("relay", backend))])  # after the request
-        reactor._wait(answer, None)
-        pause = ScriptedSelect(clock, [(1e-3, lone("relay", client))])  # after the response
-        reactor._wait(pause, None)
-        timeouts.append((answer.timeouts, pause.timeouts))
-    assert timeouts[-1] == ([0], [None])
-    assert all(p == [None] for _, p in timeouts)  # never a spin into the client's pause
-    reactor.close()
-
-
-def test_busy_poll_never_spins_past_a_due_timer():
-    clock = FakeClock()
-    reactor = busy_reactor(clock, 1e-3)
-    select = ScriptedSelect(clock, [(10e-6, [])] * 100)
-    reactor._wait(select, 50e-6)
-    assert select.timeouts.count(0) <= 6 and select.timeouts[-1] == 0.0
     reactor.close()
 
 
