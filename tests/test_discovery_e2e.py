@@ -23,6 +23,8 @@ from dnsserver import DNSTestServer
 from etcd_cluster import EtcdCluster, answered_by, ctl, etcd_cluster  # noqa: F401  (fixture)
 from support import READY_RE, Gateway, free_port, gateway_cli, wait_until
 
+pytestmark = pytest.mark.etcd
+
 TTL = 60
 # The TLS validation of a discovered member may take max(2 x --dial-timeout, 1s): generous, so
 # that a loaded machine is not mistaken for a bad certificate. Dead members refuse at once.
@@ -488,6 +490,7 @@ def resolv_conf_mounts():
         return [line for line in f if "resolv.conf" in line]
 
 
+@pytest.mark.root  # a private mount namespace for our /etc/resolv.conf; port 53
 def test_default_resolv_conf_is_honoured(plain, tmp_path):
     # The gateway runs in a private mount namespace where our file is /etc/resolv.conf; no
     # --dns-server. `timeout:1 attempts:1` (honoured too) makes the silent-server refresh fail

@@ -140,12 +140,14 @@ def run_gateway_checks(argv, env, echo, listen_port, metrics_port):
 
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.root  # debootstrap and chroot
 def test_minimal_root_really_lacks_json_and_http(root):
     # If Debian ever ships these in python3-minimal, the tests below would prove nothing.
     assert sorted(minimal_root.missing_modules(root, ["json", "http", "socket", "selectors"])) == [
         "http", "json"]
 
 
+@pytest.mark.root  # debootstrap and chroot
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_pyz_in_python3_minimal_root(root, pyz_in_root, echo, log_format):
     listen_port, metrics_port = free_port(), free_port()

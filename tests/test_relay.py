@@ -246,6 +246,7 @@ def test_client_reset_reaches_upstream_as_reset(gateways, data_path):
         assert upstream.next_result() == ("reset", 5)
 
 
+@pytest.mark.slow  # the client does not read for 5 s
 def test_slow_reader_bounded_memory_and_every_byte_arrives(gateways, data_path):
     total = 512 * MiB
     memory_limit = 64 * MiB
@@ -527,6 +528,7 @@ def test_out_of_file_descriptors_no_spin_and_service_resumes(gateways, echo):
 
 # -- shutdown -------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # waits out a 2 s --shutdown-timeout
 def test_sigterm_with_open_connection(gateways, echo):
     gateway = gateways([echo.endpoint], "--shutdown-timeout=2s")
     with connect(gateway.address) as sock:

@@ -549,6 +549,7 @@ def _watch_until_closed(socks, since, timeout):
 STATUS_MAX_CONNECTIONS = 16  # documented: one more status client makes the oldest go
 
 
+@pytest.mark.slow  # the clients the cap spares wait out the 5 s status timeout
 def test_silent_status_clients_hold_few_descriptors_and_never_stall_a_scrape(echo):
     silent_count = 200
     with StatusGateway([echo.endpoint]) as gateway:
@@ -574,6 +575,7 @@ def test_silent_status_clients_hold_few_descriptors_and_never_stall_a_scrape(ech
         assert_fds_back(gateway, baseline)
 
 
+@pytest.mark.slow  # waits out the 5 s status timeout
 def test_a_silent_client_alone_is_dropped_after_5s(echo):
     with StatusGateway([echo.endpoint]) as gateway:
         with socket.create_connection(gateway.status_addr, timeout=IO_TIMEOUT) as silent:
@@ -802,6 +804,7 @@ def test_log_level_hides_lower_levels(echo, refusing, level):
         assert lines == [], lines
 
 
+@pytest.mark.slow  # waits out the 5 s log rate limit
 def test_repeated_identical_errors_are_rate_limited():
     with RefusingPort() as first, RefusingPort() as second:
         with StatusGateway([first.endpoint, second.endpoint]) as gateway:
