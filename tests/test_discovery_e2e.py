@@ -380,7 +380,8 @@ def test_refreshes_leave_no_sockets_behind(tls_cluster, dns):
             dns.mode = "servfail" if round_number % 3 == 2 else "normal"
             before = refresh_count(gateway, metrics_addr)
             gateway.signal(signal.SIGHUP)
-            assert wait_until(lambda: refresh_count(gateway, metrics_addr) > before, timeout=10), \
+            assert wait_until(lambda count=before: refresh_count(gateway, metrics_addr) > count,
+                              timeout=10), \
                 (round_number, gateway.log.text())
         assert "endpoints changed" not in gateway.log.text()
         assert member_answering(tls_cluster, gateway) == 0

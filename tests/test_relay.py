@@ -452,7 +452,7 @@ def test_connect_close_storm_with_resets_returns_to_baseline_fds(gateways, echo,
     gateway = gateways([echo.endpoint], env=data_path)
     baseline = fd_count(gateway.pid)
     waves, per_wave = 10, 300
-    for wave in range(waves):
+    for _ in range(waves):
         socks = []
         try:
             for index in range(per_wave):
