@@ -174,7 +174,6 @@ def test_random_data_in_random_chunks_arrives_intact(gateways, echo, data_path):
         assert hashlib.sha256(received).hexdigest() == hashlib.sha256(data).hexdigest()
 
 
-
 def test_busy_poll_relays_intact_and_sleeps_when_idle(gateways, echo, data_path):
     """--busy-poll spins between closely spaced events; data must be untouched, and once the
     traffic stops the spin must stop too (the window adapts to the long wait)."""
@@ -189,6 +188,7 @@ def test_busy_poll_relays_intact_and_sleeps_when_idle(gateways, echo, data_path)
         share = idle_cpu_share(gateway.pid)
         assert share < 0.1, f"{share:.0%} of a CPU while idle"
         assert echo_once(sock, b"after the idle time")
+
 
 def test_client_half_close_reply_arrives_after_eof(gateways, data_path):
     """Client shuts down its write side; the upstream sees EOF, then replies; all of it arrives."""

@@ -640,6 +640,7 @@ def test_scrape_while_out_of_descriptors_waits_without_spinning(echo):
         assert reply.status == 200, reply
         assert gateway.proc.poll() is None
 
+
 def _random_bytes(rng, size):
     return bytes(rng.getrandbits(8) for _ in range(size))
 
