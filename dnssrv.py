@@ -27,18 +27,15 @@ This module owns everything the gateway knows about DNS, and imports only the st
       on_error(query, reason, now) -> the driver could not send or receive that query
       done, result, error
 
-  The gateway's reactor drives them with non-blocking sockets; `resolve_blocking` drives them
-  with ordinary sockets at start-up.  Keeping the policy here and the sockets outside is what
-  lets one thread serve relays while a refresh is in flight.
+  The gateway's reactor drives them with non-blocking sockets, at start-up too: one driver,
+  and it is the one the real-DNS-server tests exercise.  Keeping the policy here and the sockets
+  outside is what lets one thread serve relays while a refresh is in flight.
 """
 import ipaddress
-import os
 import random
-import selectors
 import socket
 import struct
-import time
-from typing import Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 # ---------------------------------------------------------------------------------------------
 # Constants (RFC 1035 section 3.2, RFC 3596, RFC 2782, RFC 6895)
@@ -1094,102 +1091,3 @@ class SRVDiscovery(_Group):
         endpoints = [self._endpoint(record, secure) for record, secure in self._stubs]
         self.result = Discovery(tuple(e for e in endpoints if e is not None),
                                 tuple(self._problems))
-
-
-# ---------------------------------------------------------------------------------------------
-# A blocking driver, for start-up (the gateway's reactor drives the same machines itself)
-# ---------------------------------------------------------------------------------------------
-
-
-class _Exchange:
-    """One query's socket: a fresh one per query, so the kernel picks a fresh source port."""
-
-    def __init__(self, query: Query, selector: selectors.BaseSelector) -> None:
-        self.query = query
-        self.sock = socket.socket(query.family, socket.SOCK_DGRAM if query.transport == "udp"
-                                  else socket.SOCK_STREAM)
-        self._selector = selector
-        self._unsent = query.wire
-        self._frames = TCPFrameReader()
-        try:
-            self._start()
-        except OSError:
-            self.sock.close()
-            raise
-
-    def _start(self) -> None:
-        self.sock.setblocking(False)
-        if self.query.transport == "udp":
-            self.sock.connect(self.query.server)   # replies from anyone else never reach us
-            self.sock.send(self._unsent)
-            self._selector.register(self.sock, selectors.EVENT_READ, self)
-        else:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock.connect_ex(self.query.server)
-            self._selector.register(self.sock, selectors.EVENT_WRITE, self)
-
-    def ready(self, machine, now: float) -> None:
-        """The socket is readable or writable: move the exchange on, telling the machine."""
-        if self._unsent and self.query.transport == "tcp":
-            error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if error:
-                raise OSError(error, os.strerror(error))
-            self._unsent = self._unsent[self.sock.send(self._unsent):]
-            if not self._unsent:
-                self._selector.modify(self.sock, selectors.EVENT_READ, self)
-            return
-        if self.query.transport == "udp":
-            data, source = self.sock.recvfrom(65535)
-            machine.feed(source, data, now)
-            return
-        data = self.sock.recv(65535)
-        if not data:
-            raise ConnectionResetError("connection closed before the reply")
-        message = self._frames.feed(data)
-        if message is not None:
-            machine.feed(self.query.server, message, now)
-
-    def close(self) -> None:
-        self._selector.unregister(self.sock)
-        self.sock.close()
-
-
-def _step(machine, selector: selectors.BaseSelector, exchanges: Dict[Query, _Exchange],
-          clock: Callable[[], float]) -> None:
-    for query in machine.take_sends():
-        try:
-            exchanges[query] = _Exchange(query, selector)
-        except OSError as exc:
-            machine.on_error(query, exc.strerror or str(exc), clock())
-    deadline = machine.next_deadline()
-    timeout = None if deadline is None else max(0.0, deadline - clock())
-    for key, _ in selector.select(timeout):
-        exchange = key.data
-        try:
-            exchange.ready(machine, clock())
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as exc:       # refused (ICMP), reset, unreachable: the next server
-            machine.on_error(exchange.query, exc.strerror or str(exc), clock())
-    machine.on_timeout(clock())
-    waiting = machine.waiting()
-    for query in [query for query in exchanges if query not in waiting]:
-        exchanges.pop(query).close()
-
-
-def resolve_blocking(machine, clock: Callable[[], float] = time.monotonic):
-    """Run a machine (Lookup, AddressLookup, SRVDiscovery) to the end with ordinary sockets and
-    return its result, or raise its DNSLookupError.  Build the machine with `now=clock()`."""
-    exchanges = {}  # type: Dict[Query, _Exchange]
-    with selectors.DefaultSelector() as selector:
-        try:
-            while not machine.done:
-                if machine.next_deadline() is None and not machine.done:
-                    raise RuntimeError("%r is neither done nor waiting" % (machine,))
-                _step(machine, selector, exchanges, clock)
-        finally:
-            for exchange in exchanges.values():
-                exchange.close()
-    if machine.error is not None:
-        raise machine.error
-    return machine.result

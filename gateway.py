@@ -1796,6 +1796,7 @@ class DnsQuery:
             self.sock.send(query.wire)
             self.mask = EVENT_READ
         else:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             code = self.sock.connect_ex(query.server)
             if code not in (0, errno.EINPROGRESS):
                 raise OSError(code, os.strerror(code))
@@ -1848,6 +1849,8 @@ class DnsDriver:
         self.on_done = on_done
         self.queries = {}
         self.timer = None
+
+    def start(self) -> None:
         self._pump()
 
     def reply(self, query, data: bytes) -> None:
@@ -1957,8 +1960,10 @@ class EndpointSource:
         now, rng = self.reactor.clock(), random.SystemRandom()
         names = dnssrv.srv_names(self.options.discovery_srv, self.options.discovery_srv_name)
         machine = dnssrv.SRVDiscovery(names, conf, rng, now, hosts)
-        self.pending.append(DnsDriver(self.reactor, machine, lambda m: _guarded(
-            on_done, self._srv_done, m, names, on_done)))
+        driver = DnsDriver(self.reactor, machine, lambda m: _guarded(
+            on_done, self._srv_done, m, names, on_done))
+        self.pending.append(driver)
+        driver.start()
 
     def resolve_static(self, on_done) -> None:
         """Resolve the --endpoints host names (IP literals stay as they are)."""
@@ -1981,8 +1986,9 @@ class EndpointSource:
         now, rng = self.reactor.clock(), random.SystemRandom()
         for index in unresolved:
             machine = dnssrv.AddressLookup(endpoints[index].host, conf, rng, now, hosts)
-            self.pending.append(DnsDriver(self.reactor, machine,
-                                          lambda m, index=index: resolved(index, m)))
+            driver = DnsDriver(self.reactor, machine, lambda m, index=index: resolved(index, m))
+            self.pending.append(driver)
+            driver.start()
 
     def _static_done(self, endpoints, results, on_done) -> None:
         self.pending = []

@@ -395,7 +395,7 @@ def wrk(proxy: Proxy, path: str, conns: int, script: Path, settings: Settings,
     if close:
         argv[-1:-1] = ["-H", "Connection: close"]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=settings.load_seconds + 30)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("BENCH ")), None)
+    line = next((row for row in out.stdout.splitlines() if row.startswith("BENCH ")), None)
     if line is None:
         raise RuntimeError(f"wrk through {proxy.name} failed: {out.stdout}{out.stderr}")
     requests, duration_us, p50, p99, errors, non2xx = (int(x) for x in line.split()[1:])
@@ -644,7 +644,8 @@ def main_table(results, proxies: List[str], workloads: List[Workload]) -> List[s
                                             f"{failed} round(s) FAILED" if failed else "")))
             cpu = f"{num(m['cpu_us'], 1)} {w.cpu_unit}" if m["cpu_us"] is not None else "–"
             lines.append(
-                f"| {w.label} | {p} | {num(m['value'])}{' ' + w.unit if m['value'] else ''} | {spread(results.get((w.key, p), []))}"
+                f"| {w.label} | {p} | {num(m['value'])}{' ' + w.unit if m['value'] else ''}"
+                f" | {spread(results.get((w.key, p), []))}"
                 f" | {ratio(m['value'], none.get('value'))}"
                 f" | {ratio(m['value'], go.get('value'))} | {num(m['p50'])} | {num(m['p99'])}"
                 f" | {ratio(m['p99'], go.get('p99'))} | {cpu} | {ratio(m['cpu_us'], go.get('cpu_us'))}"
@@ -671,8 +672,8 @@ def idle_table(results, proxies: List[str], tried: int) -> List[str]:
 
 
 def machine() -> List[str]:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                if l.startswith("model name")), platform.processor())
+    cpu = next((row.split(":", 1)[1].strip() for row in open("/proc/cpuinfo")
+                if row.startswith("model name")), platform.processor())
 
     def version(argv):
         try:

@@ -149,8 +149,9 @@ def _debootstrap(target: Path, suite: str, mirror: str):
     argv = [debootstrap, "--variant=minbase", "--include=python3-minimal", suite, str(target), mirror]
     try:
         result = _run(argv, BUILD_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise MinimalRootError("debootstrap did not finish within {}s: {}".format(BUILD_TIMEOUT, argv))
+    except subprocess.TimeoutExpired as exc:
+        raise MinimalRootError("debootstrap did not finish within {}s: {}".format(
+            BUILD_TIMEOUT, argv)) from exc
     if result.returncode != 0:
         log = target / "debootstrap" / "debootstrap.log"
         detail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""

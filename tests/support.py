@@ -1,7 +1,10 @@
 """Shared test support: start the gateway as a real process, wait for it, inspect it.
 
 Every helper uses monotonic deadlines (no fixed sleeps) and stops only what it started, by PID.
+The fixtures built on these (`echo`, `pyz`) are in conftest.py; the scripted upstreams are in
+upstreams.py.
 """
+import importlib.util
 import os
 import re
 import selectors
@@ -16,6 +19,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 READY_RE = re.compile(r"ready to proxy client requests to \[(.*)\]")
 IO_TIMEOUT = 20.0  # per blocking socket call: only "did not hang"
+
+
+def _load_build_pyz():
+    """tools/build_pyz.py as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("build_pyz", str(ROOT / "tools" / "build_pyz.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_pyz = _load_build_pyz()
 
 
 def launcher_argv(launcher: str = "module"):
@@ -65,17 +79,17 @@ def ping(address, payload=b"ping", timeout=IO_TIMEOUT):
 
 
 def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
-    """True when the peer closes `sock` (EOF or reset) within `timeout`, ignoring data; False if
-    it hangs."""
+    """True when the peer closes `sock` (EOF, reset or refusal) within `timeout`, ignoring data;
+    False if it is still open then. `timeout=0` asks whether it is closed already."""
     sock.settimeout(timeout)
     try:
         while sock.recv(65536):
             pass
         return True
-    except ConnectionResetError:
-        return True
-    except socket.timeout:
+    except (socket.timeout, BlockingIOError):
         return False
+    except ConnectionError:
+        return True
 
 
 def read_until(stream, needle: bytes, timeout: float, data: bytes = b"") -> bytes:
@@ -210,6 +224,17 @@ def cpu_seconds(pid):
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+IDLE_WINDOW = 1.0  # seconds: 100 clock ticks, enough to tell a sleeping process from a spinning one
+
+
+def idle_cpu_share(pid, window: float = IDLE_WINDOW) -> float:
+    """CPU seconds `pid` uses per wall second over `window` seconds in which the test sends it
+    nothing: about 0 for a process asleep in select, about 1 for one that spins."""
+    cpu_before, wall_before = cpu_seconds(pid), time.monotonic()
+    time.sleep(window)  # the measuring window: what the process does while nothing happens
+    return (cpu_seconds(pid) - cpu_before) / (time.monotonic() - wall_before)
 
 
 def wait_until(predicate, timeout=20.0, interval=0.02):

@@ -23,6 +23,8 @@ from dnsserver import DNSTestServer
 from etcd_cluster import EtcdCluster, answered_by, ctl, etcd_cluster  # noqa: F401  (fixture)
 from support import READY_RE, Gateway, free_port, gateway_cli, wait_until
 
+pytestmark = pytest.mark.etcd
+
 TTL = 60
 # The TLS validation of a discovered member may take max(2 x --dial-timeout, 1s): generous, so
 # that a loaded machine is not mistaken for a bad certificate. Dead members refuse at once.
@@ -378,7 +380,8 @@ def test_refreshes_leave_no_sockets_behind(tls_cluster, dns):
             dns.mode = "servfail" if round_number % 3 == 2 else "normal"
             before = refresh_count(gateway, metrics_addr)
             gateway.signal(signal.SIGHUP)
-            assert wait_until(lambda: refresh_count(gateway, metrics_addr) > before, timeout=10), \
+            assert wait_until(lambda count=before: refresh_count(gateway, metrics_addr) > count,
+                              timeout=10), \
                 (round_number, gateway.log.text())
         assert "endpoints changed" not in gateway.log.text()
         assert member_answering(tls_cluster, gateway) == 0
@@ -488,6 +491,7 @@ def resolv_conf_mounts():
         return [line for line in f if "resolv.conf" in line]
 
 
+@pytest.mark.root  # a private mount namespace for our /etc/resolv.conf; port 53
 def test_default_resolv_conf_is_honoured(plain, tmp_path):
     # The gateway runs in a private mount namespace where our file is /etc/resolv.conf; no
     # --dns-server. `timeout:1 attempts:1` (honoured too) makes the silent-server refresh fail

@@ -1,5 +1,6 @@
 """dnssrv's configuration parsing, its lookup machines driven by hand (no sockets, no clock),
-and the blocking driver against a real DNS server on loopback (tests/dnsserver.py)."""
+and the same machines on the gateway's own driver (gateway.DnsDriver on a gateway.Reactor, as in
+production) against a real DNS server on loopback (tests/dnsserver.py)."""
 import os
 import random
 import socket
@@ -8,6 +9,7 @@ import time
 import pytest
 
 import dnssrv
+import gateway
 from dnssrv import (CLASS_IN, RCODE_NXDOMAIN, RCODE_REFUSED, RCODE_SERVFAIL, TYPE_A, TYPE_AAAA,
                     TYPE_CNAME, TYPE_SOA, TYPE_SRV, DNSLookupError, Record, ResolvConf)
 from dnsserver import DNSTestServer
@@ -388,7 +390,7 @@ def test_discovery_fails_only_when_every_name_fails():
     assert "_etcd-client-prod._tcp.example.com: NXDOMAIN" in message
 
 
-# --- against a real DNS server on loopback ---------------------------------------------------
+# --- the gateway's driver against a real DNS server on loopback ------------------------------
 
 ZONE = """
 $TTL 300
@@ -405,18 +407,41 @@ www.example.com.                40 IN CNAME  web.example.com.
 web.example.com.                50 IN CNAME  m3.example.com.
 """
 FAST = ResolvConf(nameservers=(), timeout=0.3, attempts=1)
+RESOLVE_TIMEOUT = 20.0  # only "did not hang": the slowest lookup here takes about a second
 
 
 def conf_for(*servers, **changes):
     return FAST._replace(nameservers=tuple(server.address for server in servers), **changes)
 
 
-def run(machine_class, *args, **kwargs):
-    started = time.monotonic()
-    machine = machine_class(*args, now=time.monotonic(), **kwargs)
-    result = dnssrv.resolve_blocking(machine)
-    assert time.monotonic() - started < 20       # did not hang
-    return result
+def resolve(machine, timeout=RESOLVE_TIMEOUT):
+    """Run `machine` (built with now=time.monotonic()) on gateway.DnsDriver and a fresh Reactor,
+    as the gateway does; return its result or raise its DNSLookupError. The reactor is closed
+    afterwards and the lookup cancelled if it did not finish within `timeout`."""
+    reactor = gateway.Reactor()
+    finished = []
+
+    def on_done(done_machine):
+        finished.append(done_machine)
+        reactor.stop()
+
+    driver = gateway.DnsDriver(reactor, machine, on_done)
+    try:
+        driver.start()
+        if not finished:  # start() itself finishes what needs no query (a literal, /etc/hosts)
+            reactor.call_later(timeout, reactor.stop)
+            reactor.run()
+        assert finished == [machine], f"{machine!r} unfinished after {timeout}s"
+    finally:
+        driver.cancel()
+        reactor.close()
+    if machine.error is not None:
+        raise machine.error
+    return machine.result
+
+
+def lookup(name, qtype, conf):
+    return dnssrv.Lookup(name, qtype, conf, random.Random(), time.monotonic())
 
 
 @pytest.fixture
@@ -426,10 +451,41 @@ def no_fd_leak():
     assert len(os.listdir("/proc/self/fd")) == before     # every query socket closed
 
 
+def test_driver_start_finishes_at_once_when_no_query_is_needed():
+    reactor = gateway.Reactor()
+    try:
+        done = []
+        machine = dnssrv.AddressLookup("[::1]", FAST, random.Random(), reactor.clock())
+        driver = gateway.DnsDriver(reactor, machine, done.append)
+        assert done == []                       # the constructor never calls back
+        driver.start()
+        assert done == [machine] and machine.result.addresses == ("::1",)
+    finally:
+        reactor.close()
+
+
+def test_driver_cancelled_mid_lookup_closes_its_socket_and_never_calls_back(no_fd_leak):
+    with DNSTestServer(ZONE, mode="silent") as silent:
+        reactor = gateway.Reactor()
+        try:
+            done = []
+            driver = gateway.DnsDriver(reactor, lookup("m1.example.com", TYPE_A, conf_for(silent)),
+                                       done.append)
+            driver.start()
+            assert len(reactor.selector.get_map()) == 1     # the query's UDP socket
+            driver.cancel()
+            assert len(reactor.selector.get_map()) == 0
+            reactor.call_later(FAST.timeout * 2, reactor.stop)
+            reactor.run()                       # past the query's deadline: nothing fires
+            assert done == []
+        finally:
+            reactor.close()
+
+
 def test_real_server_srv_discovery_uses_a_glue(no_fd_leak):
     with DNSTestServer(ZONE) as server:
-        result = run(dnssrv.SRVDiscovery, dnssrv.srv_names("example.com"), conf_for(server),
-                     random.Random())
+        result = resolve(dnssrv.SRVDiscovery(dnssrv.srv_names("example.com"), conf_for(server),
+                                             random.Random(), time.monotonic()))
     endpoints = {(e.target, e.addresses, e.port, e.priority, e.weight, e.secure, e.ttl)
                  for e in result.endpoints}
     assert endpoints == {("m1.example.com", ("127.0.0.11",), 2379, 0, 10, True, 60),
@@ -440,8 +496,8 @@ def test_real_server_srv_discovery_uses_a_glue(no_fd_leak):
 
 def test_real_server_without_glue_asks_a_and_aaaa(no_fd_leak):
     with DNSTestServer(ZONE, glue=False) as server:
-        result = run(dnssrv.SRVDiscovery, dnssrv.srv_names("example.com", "prod"),
-                     conf_for(server), random.Random())
+        result = resolve(dnssrv.SRVDiscovery(dnssrv.srv_names("example.com", "prod"),
+                                             conf_for(server), random.Random(), time.monotonic()))
     assert result.endpoints == (
         dnssrv.SRVEndpoint("m1.example.com", ("127.0.0.11",), 32379, 0, 0, False, 70),)
     assert ("udp", "m1.example.com", "AAAA") in server.seen()
@@ -449,14 +505,13 @@ def test_real_server_without_glue_asks_a_and_aaaa(no_fd_leak):
 
 def test_real_server_aaaa_and_cname_chains():
     with DNSTestServer(ZONE) as server:
-        answer = run(dnssrv.Lookup, "m2.example.com", TYPE_AAAA, conf_for(server),
-                     random.Random())
+        answer = resolve(lookup("m2.example.com", TYPE_AAAA, conf_for(server)))
         assert answer.values == ("fd00::2",) and answer.ttl == 120
-        answer = run(dnssrv.Lookup, "www.example.com", TYPE_A, conf_for(server), random.Random())
+        answer = resolve(lookup("www.example.com", TYPE_A, conf_for(server)))
         assert (answer.canonical, answer.values, answer.ttl) == ("m3.example.com",
                                                                  ("127.0.0.13",), 40)
     with DNSTestServer(ZONE, chase=False) as server:    # one CNAME per reply: ask again
-        answer = run(dnssrv.Lookup, "www.example.com", TYPE_A, conf_for(server), random.Random())
+        answer = resolve(lookup("www.example.com", TYPE_A, conf_for(server)))
         assert answer.values == ("127.0.0.13",)
         assert [q[1] for q in server.seen()] == ["www.example.com", "web.example.com",
                                                  "m3.example.com"]
@@ -464,26 +519,24 @@ def test_real_server_aaaa_and_cname_chains():
 
 def test_real_server_nxdomain_is_an_answer_and_no_retry():
     with DNSTestServer(ZONE) as server, DNSTestServer(ZONE) as second:
-        answer = run(dnssrv.Lookup, "nope.example.com", TYPE_A, conf_for(server, second),
-                     random.Random())
+        answer = resolve(lookup("nope.example.com", TYPE_A, conf_for(server, second)))
         assert answer.rcode == RCODE_NXDOMAIN and answer.records == () and answer.ttl == 300
         assert second.seen() == []
         with pytest.raises(DNSLookupError, match="no address"):
-            run(dnssrv.AddressLookup, "nope.example.com.", conf_for(server), random.Random())
+            resolve(dnssrv.AddressLookup("nope.example.com.", conf_for(server), random.Random(),
+                                         time.monotonic()))
 
 
 def test_real_servfail_then_the_second_server_answers(no_fd_leak):
     with DNSTestServer(ZONE, mode="servfail") as bad, DNSTestServer(ZONE) as good:
-        answer = run(dnssrv.Lookup, "m1.example.com", TYPE_A, conf_for(bad, good),
-                     random.Random())
+        answer = resolve(lookup("m1.example.com", TYPE_A, conf_for(bad, good)))
         assert answer.values == ("127.0.0.11",)
         assert len(bad.seen()) == 1 and len(good.seen()) == 1
 
 
 def test_real_truncated_reply_is_repeated_over_tcp(no_fd_leak):
     with DNSTestServer(ZONE, mode="truncate") as server:
-        answer = run(dnssrv.Lookup, "_etcd-client-ssl._tcp.example.com", TYPE_SRV,
-                     conf_for(server), random.Random())
+        answer = resolve(lookup("_etcd-client-ssl._tcp.example.com", TYPE_SRV, conf_for(server)))
         assert sorted(v.target for v in answer.values) == ["m1.example.com", "m2.example.com"]
         assert [q[0] for q in server.seen()] == ["udp", "tcp"]
 
@@ -491,20 +544,17 @@ def test_real_truncated_reply_is_repeated_over_tcp(no_fd_leak):
 def test_real_silent_server_times_out_then_the_next_answers(no_fd_leak):
     with DNSTestServer(ZONE, mode="silent") as silent, DNSTestServer(ZONE) as good:
         started = time.monotonic()
-        answer = run(dnssrv.Lookup, "m1.example.com", TYPE_A, conf_for(silent, good),
-                     random.Random())
+        answer = resolve(lookup("m1.example.com", TYPE_A, conf_for(silent, good)))
         assert time.monotonic() - started >= FAST.timeout
         assert answer.values == ("127.0.0.11",) and len(silent.seen()) == 1
         with pytest.raises(DNSLookupError, match="timeout"):
-            run(dnssrv.Lookup, "m1.example.com", TYPE_A, conf_for(silent, attempts=2),
-                random.Random())
+            resolve(lookup("m1.example.com", TYPE_A, conf_for(silent, attempts=2)))
         assert len(silent.seen()) == 3
 
 
 def test_real_forged_replies_before_the_answer_are_ignored(no_fd_leak):
     with DNSTestServer(ZONE, mode="spoof") as server:
-        answer = run(dnssrv.Lookup, "m1.example.com", TYPE_A,
-                     conf_for(server)._replace(timeout=10.0), random.Random())
+        answer = resolve(lookup("m1.example.com", TYPE_A, conf_for(server, timeout=10.0)))
         assert answer.values == ("127.0.0.11",)
         assert len(server.seen()) == 1           # taken at once, not after a retry
 
@@ -516,7 +566,7 @@ def test_real_refused_port_moves_on_without_waiting(no_fd_leak):
     with DNSTestServer(ZONE) as good:
         conf = FAST._replace(nameservers=(dead, good.address), timeout=10.0)
         started = time.monotonic()
-        answer = run(dnssrv.Lookup, "m1.example.com", TYPE_A, conf, random.Random())
+        answer = resolve(lookup("m1.example.com", TYPE_A, conf))
         assert answer.values == ("127.0.0.11",)
         assert time.monotonic() - started < conf.timeout     # ICMP refused, not the timeout
 
@@ -524,8 +574,7 @@ def test_real_refused_port_moves_on_without_waiting(no_fd_leak):
 def test_real_ipv6_server_from_a_dns_server_flag():
     with DNSTestServer(ZONE, host="::1") as server:
         servers = dnssrv.parse_dns_servers("[::1]:%d" % server.address[1])
-        answer = run(dnssrv.Lookup, "m3.example.com", TYPE_AAAA,
-                     FAST._replace(nameservers=servers), random.Random())
+        answer = resolve(lookup("m3.example.com", TYPE_AAAA, FAST._replace(nameservers=servers)))
         assert answer.values == ("fd00::3",)
 
 
@@ -533,10 +582,11 @@ def test_real_hosts_file_is_consulted_first(tmp_path):
     (tmp_path / "hosts").write_text("127.0.0.99 m1.example.com\n::1 m9.example.com\n")
     hosts = dnssrv.load_hosts(str(tmp_path / "hosts"))
     with DNSTestServer(ZONE, glue=False) as server:
-        result = run(dnssrv.SRVDiscovery, dnssrv.srv_names("example.com", "prod"),
-                     conf_for(server), random.Random(), hosts=hosts)
+        result = resolve(dnssrv.SRVDiscovery(dnssrv.srv_names("example.com", "prod"),
+                                             conf_for(server), random.Random(), time.monotonic(),
+                                             hosts=hosts))
         assert result.endpoints[0].addresses == ("127.0.0.99",)
-        assert run(dnssrv.AddressLookup, "m9.example.com", conf_for(server), random.Random(),
-                   hosts=hosts).addresses == ("::1",)
+        assert resolve(dnssrv.AddressLookup("m9.example.com", conf_for(server), random.Random(),
+                                            time.monotonic(), hosts=hosts)).addresses == ("::1",)
         assert [q[1] for q in server.seen()] == ["_etcd-client-ssl-prod._tcp.example.com",
                                                  "_etcd-client-prod._tcp.example.com"]

@@ -12,9 +12,13 @@ import subprocess
 import time
 from collections import Counter
 
+import pytest
+
 from etcd_cluster import (EtcdCluster, answered_by, ctl, etcd_cluster,  # noqa: F401  (fixtures)
                           healthy_cluster)
 from support import Gateway, closed_by_peer, fd_count, free_port, read_until, wait_until
+
+pytestmark = pytest.mark.etcd
 
 FAILOVER_COMMANDS = 50
 POLICY_COMMANDS = 20

@@ -17,10 +17,14 @@ import socket
 import subprocess
 import time
 
+import pytest
+
 from etcd_cluster import (EtcdCluster, answered_by, ctl, etcd_cluster,  # noqa: F401  (fixtures)
                           gateway_endpoint, healthy_cluster)
 from support import closed_by_peer, read_until, wait_until
 from test_status import StatusGateway, endpoints_of, health_of, scrape
+
+pytestmark = pytest.mark.etcd
 
 ETCD_MODE = ["--health-check=etcd", "--health-interval=1s", "--dial-timeout=500ms",
              "--policy=sticky"]

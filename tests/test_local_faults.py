@@ -5,7 +5,6 @@ private mount namespace (`unshare --mount`), in which the test mounts a tmpfs ov
 copy of /etc/hosts and a *directory* named resolv.conf, and later unmounts it again. The host's
 own mounts are never touched.
 """
-import os
 import shutil
 import signal
 import subprocess
@@ -34,8 +33,7 @@ def in_mount_namespace_of(pid, *argv):
                    timeout=30)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                    reason="a private mount namespace needs root and util-linux's unshare")
+@pytest.mark.root  # a private mount namespace (util-linux's unshare, which CI installs)
 def test_refresh_survives_an_unreadable_resolv_conf_and_resumes(tmp_path):
     hosts_copy = tmp_path / "hosts"
     shutil.copy("/etc/hosts", hosts_copy)

@@ -16,22 +16,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import uuid
 
 import pytest
 
 import minimal_root
 from support import READY_RE, LineReader, free_port, wait_until
-from test_pyz import build_pyz
 
 # A cold debootstrap downloads ~40 MB; this is a "did not hang" limit, not an expectation.
 pytestmark = pytest.mark.timeout(minimal_root.BUILD_TIMEOUT + 300)
-
-
-@pytest.fixture(scope="module")
-def pyz():
-    return build_pyz.build()
 
 
 @pytest.fixture(scope="module")
@@ -46,53 +39,6 @@ def pyz_in_root(root, pyz):
     shutil.copy(str(pyz), str(root) + inside)
     yield inside
     os.unlink(str(root) + inside)
-
-
-class EchoUpstream:
-    """A TCP echo server on 127.0.0.1 in this process; counts the connections it accepted."""
-
-    def __init__(self):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.accepted = 0
-        self._threads = []
-        self._accept_thread = threading.Thread(target=self._accept, daemon=True)
-        self._accept_thread.start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return  # listener closed
-            self.accepted += 1
-            thread = threading.Thread(target=self._echo, args=(conn,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    @staticmethod
-    def _echo(conn):
-        with conn:
-            conn.settimeout(30)
-            try:
-                for chunk in iter(lambda: conn.recv(65536), b""):
-                    conn.sendall(chunk)
-            except OSError:
-                pass
-
-    def close(self):
-        self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        self._accept_thread.join(10)
-        for thread in self._threads:
-            thread.join(10)
-
-
-@pytest.fixture
-def echo():
-    upstream = EchoUpstream()
-    yield upstream
-    upstream.close()
 
 
 class Process:
@@ -194,12 +140,14 @@ def run_gateway_checks(argv, env, echo, listen_port, metrics_port):
 
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.root  # debootstrap and chroot
 def test_minimal_root_really_lacks_json_and_http(root):
     # If Debian ever ships these in python3-minimal, the tests below would prove nothing.
     assert sorted(minimal_root.missing_modules(root, ["json", "http", "socket", "selectors"])) == [
         "http", "json"]
 
 
+@pytest.mark.root  # debootstrap and chroot
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_pyz_in_python3_minimal_root(root, pyz_in_root, echo, log_format):
     listen_port, metrics_port = free_port(), free_port()

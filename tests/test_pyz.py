@@ -1,6 +1,5 @@
 """The single-file build: what goes into dist/etcd-gateway.pyz, and that it behaves like
 `python3 -m gateway` at the command line (help, bad flags, bad configuration, exit codes)."""
-import importlib.util
 import os
 import re
 import socket
@@ -11,25 +10,9 @@ import zipfile
 
 import pytest
 
-from support import ROOT, gateway_cli
+from support import ROOT, build_pyz, gateway_cli
 
 RUNTIME_MODULES = ("gateway.py", "endpoints.py", "dnssrv.py")
-
-
-def _load_build_pyz():
-    spec = importlib.util.spec_from_file_location("build_pyz", str(ROOT / "tools" / "build_pyz.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build_pyz = _load_build_pyz()
-
-
-@pytest.fixture(scope="module")
-def pyz():
-    """dist/etcd-gateway.pyz, built from the checkout (the path the `pyz` launcher uses)."""
-    return build_pyz.build()
 
 
 # ---------------------------------------------------------------------------------------------

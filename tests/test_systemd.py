@@ -12,16 +12,8 @@ import socket
 import pytest
 
 from support import ROOT, Gateway, free_port, gateway_cli
-from test_pyz import build_pyz
 
 UNIT = ROOT / "contrib" / "etcd-gateway.service"
-
-
-@pytest.fixture
-def upstream():
-    listener = socket.create_server(("127.0.0.1", 0))
-    yield listener.getsockname()[1]
-    listener.close()
 
 
 def notify_socket(tmp_path, abstract):
@@ -51,26 +43,26 @@ def receive_until(sock, wanted):
 
 @pytest.mark.parametrize("launcher", ["module", "pyz"])
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
-def test_ready_and_stopping_are_notified(tmp_path, upstream, launcher, abstract):
+def test_ready_and_stopping_are_notified(request, tmp_path, echo, launcher, abstract):
     if launcher == "pyz":
-        build_pyz.build()
+        request.getfixturevalue("pyz")
     sock, value = notify_socket(tmp_path, abstract)
     with sock:
         listen_port = free_port()
-        args = ["start", "--listen-addr=127.0.0.1:%d" % listen_port,
-                "--endpoints=127.0.0.1:%d" % upstream]
+        args = ["start", "--listen-addr=127.0.0.1:%d" % listen_port, "--endpoints=" + echo.endpoint]
         with Gateway(args, launcher=launcher, env={"NOTIFY_SOCKET": value}) as gateway:
             receive_until(sock, "READY=1")
-            # READY=1 means clients can connect now.
+            # READY=1 means clients can connect now. (The echo upstream passes the close on, so
+            # the relay ends at once and shutdown need not wait for it.)
             socket.create_connection(("127.0.0.1", listen_port), timeout=10).close()
             gateway.signal(signal.SIGTERM)
             receive_until(sock, "STOPPING=1")
             assert gateway.wait() == 0, gateway.log.text()
 
 
-def test_without_notify_socket_nothing_breaks(upstream):
+def test_without_notify_socket_nothing_breaks(echo):
     env = {"NOTIFY_SOCKET": ""}
-    args = ["start", "--listen-addr=127.0.0.1:%d" % free_port(), "--endpoints=127.0.0.1:%d" % upstream]
+    args = ["start", "--listen-addr=127.0.0.1:%d" % free_port(), "--endpoints=" + echo.endpoint]
     with Gateway(args, env=env) as gateway:
         gateway.signal(signal.SIGTERM)
         assert gateway.wait() == 0, gateway.log.text()

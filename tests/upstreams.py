@@ -471,4 +471,3 @@ def pusher(total_bytes, seed=1):
         recv_until_eof(conn)
         return sent, digest.hexdigest()
     return push
-
