@@ -217,7 +217,7 @@ def _duration_arg(text: str) -> float:
     try:
         return parse_duration(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc))
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_duration_arg(text: str) -> float:
@@ -254,21 +254,21 @@ def _endpoints_arg(text: str) -> List[ep.Endpoint]:
     try:
         return ep.parse_endpoints(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc))
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _hostport_arg(text: str):
     try:
         return ep.split_hostport(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc))
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _dns_servers_arg(text: str):
     try:
         return dnssrv.parse_dns_servers(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc))
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _bool_arg(text: str) -> bool:
@@ -1413,7 +1413,7 @@ def make_tls_context(ca_file: str):
     try:
         return ssl.create_default_context(cafile=ca_file or None)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError("cannot load --trusted-ca-file %s: %s" % (ca_file, tls_reason(exc)))
+        raise ConfigError("cannot load --trusted-ca-file %s: %s" % (ca_file, tls_reason(exc))) from None
 
 
 def health_request(endpoint: ep.Endpoint) -> bytes:
@@ -2586,7 +2586,7 @@ def open_listener(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
         raise ConfigError("cannot resolve listen address %s: %s"
-                          % (ep.format_hostport(host, port), exc.args[-1]))
+                          % (ep.format_hostport(host, port), exc.args[-1])) from None
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -2596,7 +2596,8 @@ def open_listener(host: str, port: int) -> socket.socket:
         sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
-        raise ConfigError("cannot listen on %s: %s" % (ep.format_hostport(host, port), error_reason(exc)))
+        raise ConfigError("cannot listen on %s: %s"
+                          % (ep.format_hostport(host, port), error_reason(exc))) from None
     sock.setblocking(False)
     return sock
 

@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+import gateway
+
 ROOT = Path(__file__).resolve().parent.parent
 READY_RE = re.compile(r"ready to proxy client requests to \[(.*)\]")
 IO_TIMEOUT = 20.0  # per blocking socket call: only "did not hang"
@@ -245,3 +247,34 @@ def wait_until(predicate, timeout=20.0, interval=0.02):
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+# ---- DNS lookups on the gateway's own driver -------------------------------------------------
+
+RESOLVE_TIMEOUT = 20.0  # only "did not hang": the slowest lookup here takes about a second
+
+
+def resolve(machine, timeout=RESOLVE_TIMEOUT):
+    """Run `machine` (built with now=time.monotonic()) on gateway.DnsDriver and a fresh Reactor,
+    as the gateway does; return its result or raise its DNSLookupError. The reactor is closed
+    afterwards and the lookup cancelled if it did not finish within `timeout`."""
+    reactor = gateway.Reactor()
+    finished = []
+
+    def on_done(done_machine):
+        finished.append(done_machine)
+        reactor.stop()
+
+    driver = gateway.DnsDriver(reactor, machine, on_done)
+    try:
+        driver.start()
+        if not finished:  # start() itself finishes what needs no query (a literal, /etc/hosts)
+            reactor.call_later(timeout, reactor.stop)
+            reactor.run()
+        assert finished == [machine], f"{machine!r} unfinished after {timeout}s"
+    finally:
+        driver.cancel()
+        reactor.close()
+    if machine.error is not None:
+        raise machine.error
+    return machine.result

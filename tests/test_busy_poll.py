@@ -150,7 +150,8 @@ def test_the_reactor_polls_within_the_window_and_returns_what_the_spin_caught():
 
 
 @pytest.mark.parametrize("window, timeout, polls, sleep_timeout", [
-    (LIMIT, 2.0, 4, pytest.approx(2.0 - 120e-6)),  # polls while within the window; the sleep keeps the deadline
+    # polls while within the window; the sleep keeps the deadline
+    (LIMIT, 2.0, 4, pytest.approx(2.0 - 120e-6)),
     (1e-3, 50e-6, 2, 0.0),  # never polls past a due timer
     (0.0, 2.0, 0, 2.0),  # no window: sleeps at once
 ])

@@ -13,6 +13,7 @@ import gateway
 from dnssrv import (CLASS_IN, RCODE_NXDOMAIN, RCODE_REFUSED, RCODE_SERVFAIL, TYPE_A, TYPE_AAAA,
                     TYPE_CNAME, TYPE_SOA, TYPE_SRV, DNSLookupError, Record, ResolvConf)
 from dnsserver import DNSTestServer
+from support import resolve
 
 S1, S2 = ("192.0.2.1", 53), ("2001:db8::53", 5353)
 CONF = ResolvConf(nameservers=(S1, S2), timeout=2.0, attempts=2)
@@ -407,37 +408,12 @@ www.example.com.                40 IN CNAME  web.example.com.
 web.example.com.                50 IN CNAME  m3.example.com.
 """
 FAST = ResolvConf(nameservers=(), timeout=0.3, attempts=1)
-RESOLVE_TIMEOUT = 20.0  # only "did not hang": the slowest lookup here takes about a second
 
 
 def conf_for(*servers, **changes):
     return FAST._replace(nameservers=tuple(server.address for server in servers), **changes)
 
 
-def resolve(machine, timeout=RESOLVE_TIMEOUT):
-    """Run `machine` (built with now=time.monotonic()) on gateway.DnsDriver and a fresh Reactor,
-    as the gateway does; return its result or raise its DNSLookupError. The reactor is closed
-    afterwards and the lookup cancelled if it did not finish within `timeout`."""
-    reactor = gateway.Reactor()
-    finished = []
-
-    def on_done(done_machine):
-        finished.append(done_machine)
-        reactor.stop()
-
-    driver = gateway.DnsDriver(reactor, machine, on_done)
-    try:
-        driver.start()
-        if not finished:  # start() itself finishes what needs no query (a literal, /etc/hosts)
-            reactor.call_later(timeout, reactor.stop)
-            reactor.run()
-        assert finished == [machine], f"{machine!r} unfinished after {timeout}s"
-    finally:
-        driver.cancel()
-        reactor.close()
-    if machine.error is not None:
-        raise machine.error
-    return machine.result
 
 
 def lookup(name, qtype, conf):

@@ -246,7 +246,8 @@ def test_plan_always_covers_every_endpoint_exactly_once(actions, policy):
 def test_three_failed_checks_take_an_endpoint_out_and_two_successes_bring_it_back():
     endpoints, pool = _pool("sticky")
     target = endpoints[0]
-    assert [pool.record_check(target, False, "no leader") for _ in range(3)] == [None, None, ep.HealthChange.UNHEALTHY]
+    checks = [pool.record_check(target, False, "no leader") for _ in range(3)]
+    assert checks == [None, None, ep.HealthChange.UNHEALTHY]
     assert not pool.health(target).healthy and pool.health(target).last_error == "no leader"
     assert all(pool.plan()[0] != target for _ in range(30))
     assert pool.record_check(target, True) is None

@@ -90,7 +90,8 @@ def test_a_name_dns_does_not_know_fails_the_round(loop, files, dns):
     server = dns("etcd-1.test. 60 IN A 127.0.0.5\n")
     endpoints, error = refresh(loop, source(loop, files, ["--endpoints=nowhere.test:2379"], server))
     assert endpoints is None
-    assert error == "cannot resolve endpoint nowhere.test:2379: nowhere.test: no address (no A or AAAA records)"
+    assert error == ("cannot resolve endpoint nowhere.test:2379: nowhere.test: "
+                     "no address (no A or AAAA records)")
 
 
 def test_a_silent_dns_server_times_out(loop, files, dns):
@@ -145,7 +146,8 @@ def tls_member(loop, ca, *names, reply=None):
 def secure_zone(*members):
     lines = []
     for name, server in members:
-        lines.append("_etcd-client-ssl._tcp.sec.test. 60 IN SRV 0 10 %d %s.sec.test." % (server.address[1], name))
+        lines.append("_etcd-client-ssl._tcp.sec.test. 60 IN SRV 0 10 %d %s.sec.test."
+                     % (server.address[1], name))
         lines.append("%s.sec.test. 60 IN A 127.0.0.1" % name)
     return "\n".join(lines) + "\n"
 
@@ -196,7 +198,7 @@ def test_a_member_certified_for_the_domain_passes_etcd_checks_after_a_refresh_to
     for _ in range(2):
         checks = len(member.accepted)
         loop.clock.advance(1.0)
-        loop.run_until(lambda: len(member.accepted) > checks and idle(), what="a check")
+        loop.run_until(lambda c=checks: len(member.accepted) > c and idle(), what="a check")
         assert entry.check_failures == 0, entry.last_error
     assert pool.endpoints[0].tls_name == "sec.test"
 

@@ -101,7 +101,7 @@ def test_a_name_with_one_address_down_is_served_by_the_other(loop):
         client = inprocess.Peer(loop, test_side)
         relay = host.open(gateway_side)
         client.send(payload)
-        loop.run_until(lambda: client.received == payload, what="the echo through 127.0.0.3")
+        loop.run_until(lambda c=client, p=payload: c.received == p, what="the echo through 127.0.0.3")
         assert relay.address == (socket.AF_INET, ("127.0.0.3", port))
         pool.connection_opened(name, relay.address)  # what Connections reports to the pool
         client.close()

@@ -210,7 +210,7 @@ def test_etcd_checks_take_an_unhealthy_member_out_after_three_failures_and_back_
     entry = pool.health(member.endpoint)
     health.start()
     for failures in (1, 2, 3):
-        loop.run_until(lambda: entry.check_failures == failures, what="check %d" % failures)
+        loop.run_until(lambda f=failures: entry.check_failures == f, what="check %d" % failures)
         loop.clock.advance(1.0)
     assert not entry.healthy and entry.last_error == "health 503: RAFT NO LEADER"
     assert evicted == [member.endpoint]
@@ -240,7 +240,7 @@ def test_an_unhealthy_members_clients_are_evicted_and_status_says_so(loop):
     assert echoes(loop, client)
     entry = gw.pool.health(member.endpoint)
     for failures in (1, 2):
-        loop.run_until(lambda: entry.check_failures == failures)
+        loop.run_until(lambda f=failures: entry.check_failures == f)
         loop.clock.advance(1.0)
     loop.run_until(lambda: client.ended, what="the eviction")
     assert client.error == errno.ECONNRESET

@@ -132,7 +132,8 @@ def test_a_probe_sends_its_request_and_reads_the_reply_until_eof(loop):
 
 
 def test_a_reply_larger_than_the_limit_fails_the_probe(loop):
-    server = loop.server(inprocess.replying(b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * gateway.PROBE_MAX_REPLY_BYTES))
+    oversized = b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * gateway.PROBE_MAX_REPLY_BYTES
+    server = loop.server(inprocess.replying(oversized))
     health, done = probe(loop, server.endpoint, request=b"GET / HTTP/1.1\r\n\r\n")
     loop.run_until(lambda: done)
     (_, ok, reply, reason, _), = done

@@ -75,7 +75,8 @@ def test_half_close_is_passed_on_after_the_queue_drained_and_the_other_way_still
         chunk = os.urandom(64 * 1024)
         sent += chunk
         client.send(chunk)
-        loop.run_until(lambda: relay.up.total == len(sent) or relayed_bytes(relay),
+        expected = len(sent)
+        loop.run_until(lambda n=expected: relay.up.total == n or relayed_bytes(relay),
                        what="the relay reads the chunk")
     client.shutdown_write()
     if not use_splice:  # a pipe that holds bytes is drained before the relay reads on (EOF too)

@@ -134,7 +134,8 @@ def test_other_requests_get_an_error_status(loop, pages, request_bytes, status):
 
 
 def test_a_request_over_8_kib_is_dropped_unanswered(loop, pages):
-    client = ask(loop, pages, b"GET /metrics HTTP/1.1\r\nX-Padding: " + b"x" * gateway.STATUS_MAX_REQUEST_BYTES)
+    padding = b"x" * gateway.STATUS_MAX_REQUEST_BYTES
+    client = ask(loop, pages, b"GET /metrics HTTP/1.1\r\nX-Padding: " + padding)
     assert not client.received  # closed without an answer (EOF, or a reset for unread bytes)
     assert not pages.listener.connections
 

@@ -14,7 +14,7 @@ import time
 import dnssrv
 import endpoints as ep
 from dnsserver import DNSTestServer
-from support import Gateway, free_port, ping
+from support import Gateway, free_port, ping, resolve
 from upstreams import EchoServer
 
 LINK_LOCAL = "fe80::1"
@@ -74,14 +74,14 @@ def dial_addresses_reach_a_link_local_listener():
 
 
 def dns_server_flag_with_a_zone():
-    """--dns-server=[fe80::1%lo]:PORT: the gateway's reactor driver and the blocking driver."""
+    """--dns-server=[fe80::1%lo]:PORT: the gateway's DNS driver, in-process and in the gateway."""
     with DNSTestServer(ZONE, host=ZONED) as dns:
         flag = "[%s]:%d" % (ZONED, dns.address[1])
         servers = dnssrv.parse_dns_servers(flag)
         conf = dnssrv.ResolvConf(nameservers=servers, timeout=2.0, attempts=1)
         machine = dnssrv.AddressLookup("etcd.names.test.", conf, random.Random(),
                                        now=time.monotonic())
-        assert dnssrv.resolve_blocking(machine).addresses == ("127.0.0.1",)
+        assert resolve(machine).addresses == ("127.0.0.1",)
         with Gateway(["start", "--listen-addr=127.0.0.1:%d" % free_port(),
                       "--endpoints=etcd.names.test:%d" % free_port(),
                       "--dns-server=" + flag]) as gateway:

@@ -100,3 +100,8 @@ class ProcessWatch:
             f"{sorted(os.readlink(f'{fd_dir}/{fd}') for fd in os.listdir(fd_dir))}\n{context}")
         assert figures["idle_cpu_s"] < self.SPIN_CPU_SECONDS, (
             f"gateway spins: {figures['idle_cpu_s']}s CPU in an idle {self.IDLE_WINDOW}s\n{context}")
+
+
+# The shared etcd cluster fixture of the member and network scenarios (imported last: scenario.py
+# imports this module).
+from faults.scenario import cluster  # noqa: E402,F401

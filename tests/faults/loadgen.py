@@ -13,7 +13,8 @@ A failed attempt (refused, reset, EOF before a whole response, timeout, non-200 
 once on a new connection after RETRY_BACKOFF (100 ms), and both outcomes are recorded:
 `first_error` is what a client without retries would have seen, `error` what a client that
 retries once sees. A put counts as acknowledged only when some attempt returned 200; every
-acknowledged put must later be read back with `verify_acknowledged`. Every loop is bounded by an op count and a deadline.
+acknowledged put must later be read back with `verify_acknowledged`. Every loop is bounded by
+an op count and a deadline.
 """
 import base64
 import json

@@ -78,7 +78,7 @@ def test_lying_dns_under_load(tmp_path):
             driver.start()
             warm_up(driver)
             fault_at = time.monotonic()
-            for index, (name, mode, records) in enumerate(phases):
+            for index, (_name, mode, records) in enumerate(phases):
                 if records is not None:
                     dns.records = records  # one assignment: the server thread sees old or new
                 dns.mode = mode

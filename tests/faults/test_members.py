@@ -18,7 +18,7 @@ import pytest
 
 from faults.conftest import scaled
 from faults.scenario import (CLIENTS, DIAL_TIMEOUT, FAULT_AT, HEALTH_INTERVAL,  # noqa: F401
-                             LOAD_SECONDS, cluster, finish, gateway_for, healed, member_in_use,
+                             LOAD_SECONDS, finish, gateway_for, healed, member_in_use,
                              sleep_until, start_load)
 from etcd_cluster import ELECTION_TIMEOUT_MS
 from support import wait_until

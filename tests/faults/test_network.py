@@ -24,7 +24,7 @@ from faults.conftest import record_result, scaled
 from faults.netns import NetNS, available
 from faults.relay import RelayProcess
 from faults.scenario import (CLIENTS, DIAL_TIMEOUT, FAULT_AT, HEALTH_INTERVAL,  # noqa: F401
-                             cluster, finish, gateway_for, healed, member_in_use, sleep_until,
+                             finish, gateway_for, healed, member_in_use, sleep_until,
                              start_load)
 from upstreams import EchoServer
 

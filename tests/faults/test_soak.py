@@ -110,7 +110,7 @@ def fd_kinds(pid):
 def open_long_lived(addr, count):
     host, port = addr.rsplit(":", 1)
     socks = []
-    for i in range(count):
+    for _ in range(count):
         sock = socket.create_connection((host, int(port)), timeout=10)
         socks.append(sock)
     return socks
@@ -147,7 +147,7 @@ def test_soak_short_and_long_lived_connections():
                         sock.shutdown(socket.SHUT_WR)
                         long_ok += sock.recv(16) == b""  # the upstream's half-close came through
                         sock.close()
-                wait_until(lambda: echo.open_count <= (0 if round_index == ROUNDS - 1
+                wait_until(lambda r=round_index: echo.open_count <= (0 if r == ROUNDS - 1
                                                        else LONG_LIVED), timeout=30)
                 # While relays are open the gateway may keep a few idle splice pipes (PipePool),
                 # so mid-soak only sockets are counted; at the end every descriptor is.
