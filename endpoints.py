@@ -465,14 +465,14 @@ class Pool:
 
     def dial_order(self, endpoint: Endpoint) -> List[Tuple[int, tuple]]:
         """The (family, sockaddr) of `endpoint`'s addresses in the order to try them."""
-        entry = self._health.get(endpoint.key)
+        entry = self._health.get((endpoint.host, endpoint.port))  # the key, without a call
         return entry.dial_order if entry is not None else endpoint.dial_addresses()
 
     def connection_opened(self, endpoint: Endpoint, address: Optional[Tuple[int, tuple]] = None) -> bool:
         """Count a relayed connection (to `address` of the endpoint); a dial that succeeded also
         marks the endpoint up. Returns True when the endpoint has just come back (as `mark_up`
         does)."""
-        entry = self._health.get(endpoint.key)
+        entry = self._health.get((endpoint.host, endpoint.port))  # the key, without a call
         if entry is None:
             return False
         entry.active += 1
@@ -482,6 +482,6 @@ class Pool:
         return self._bring_up(entry)
 
     def connection_closed(self, endpoint: Endpoint) -> None:
-        entry = self._health.get(endpoint.key)
+        entry = self._health.get((endpoint.host, endpoint.port))
         if entry is not None and entry.active > 0:
             entry.active -= 1

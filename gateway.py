@@ -415,9 +415,13 @@ class Reactor:
     # -- timers --------------------------------------------------------------------------------
 
     def call_later(self, delay: float, callback, *args) -> Timer:
-        timer = Timer(self.clock() + delay, callback, args)
+        return self.call_at(self.clock() + delay, callback, *args)
+
+    def call_at(self, when: float, callback, *args) -> Timer:
+        """Run `callback(*args)` once the clock reads `when` or later."""
+        timer = Timer(when, callback, args)
         self._seq += 1
-        heapq.heappush(self._timers, (timer.when, self._seq, timer))
+        heapq.heappush(self._timers, (when, self._seq, timer))
         return timer
 
     def cancel(self, timer: Optional[Timer]) -> None:
@@ -662,13 +666,14 @@ class Dial:
     endpoint's."""
 
     def __init__(self, reactor: Reactor, endpoint: ep.Endpoint, timeout: float, on_done,
-                 budget: Optional[float] = None, address: Optional[Tuple[int, tuple]] = None):
+                 address: Optional[Tuple[int, tuple]] = None, deadline: Optional[float] = None):
         self.reactor = reactor
         self.endpoint = endpoint
         # (family, sockaddr) to connect to: one of the endpoint's addresses (default its first)
         self.address = address
-        self.timeout = timeout
-        self.budget = budget or timeout  # the bound to name when it runs out (the client's whole)
+        self.timeout = timeout  # the bound named when it runs out
+        self.deadline = deadline  # when it runs out (default: `timeout` after start); the
+        # clock is read only if the connect does not complete at once
         self.on_done = on_done
         self.sock = None
         self.timer = None
@@ -700,7 +705,10 @@ class Dial:
             self._finish(sock, None)
         elif code == errno.EINPROGRESS:
             self.reactor.register(sock, EVENT_WRITE, self)
-            self.timer = self.reactor.call_later(self.timeout, self._timed_out)
+            if self.deadline is None:
+                self.timer = self.reactor.call_later(self.timeout, self._timed_out)
+            else:
+                self.timer = self.reactor.call_at(self.deadline, self._timed_out)
         else:
             self.local_failure = code in DIAL_LOCAL_ERRNOS
             self._finish(None, os.strerror(code).lower())
@@ -723,7 +731,7 @@ class Dial:
 
     def _timed_out(self):
         self.reactor.unregister(self.sock)
-        self._finish(None, "connect timeout after " + format_duration(self.budget))
+        self._finish(None, "connect timeout after " + format_duration(self.timeout))
 
     def hand_over(self, on_done) -> None:
         """Report the outcome to `on_done` instead (the attempt outlived the relay that began it)."""
@@ -910,8 +918,10 @@ class RelayHost:
     def relay_failed(self, relay: "Relay", exc: BaseException) -> None:
         """A bug surfaced while handling `relay`; it is reset right after."""
 
-    def relay_closed(self, relay: "Relay", endpoint: Optional[ep.Endpoint], reset: bool) -> None:
-        """`relay` has closed; `endpoint` is the one it relayed to (None if it never did)."""
+    def relay_closed(self, relay: "Relay", endpoint: Optional[ep.Endpoint], reset: bool,
+                     bytes_up: int, bytes_down: int) -> None:
+        """`relay` has closed; `endpoint` is the one it relayed to (None if it never did), and
+        it moved `bytes_up` from the client and `bytes_down` to it."""
 
 
 class Relay:
@@ -929,7 +939,7 @@ class Relay:
         self.peer = peer
         self.state = DIALING
         self.plan = None
-        self.tried = set()
+        self.tried = []  # the endpoints taken from the plan so far
         self.endpoint = None
         self.attempts = []  # Dials in flight, oldest first
         self.targets = []  # (endpoint, address) still to try of the endpoint taken from the plan
@@ -969,15 +979,17 @@ class Relay:
         if self.stagger_timer is not None:
             self.reactor.cancel(self.stagger_timer)
             self.stagger_timer = None
-        remaining = self.connect_deadline - self.reactor.clock()
-        target = self._next_target() if remaining > 0 else None
+        # The first attempt starts within its budget: no need to read the clock for it.
+        in_time = not self.tried or self.reactor.clock() < self.connect_deadline
+        target = self._next_target() if in_time else None
         if target is None:
             if not self.attempts:
                 self.host.no_upstream(self)
                 self._close()
             return
         endpoint, address = target
-        dial = Dial(self.reactor, endpoint, remaining, self._dialed, self.host.connect_timeout, address)
+        dial = Dial(self.reactor, endpoint, self.host.connect_timeout, self._dialed, address,
+                    self.connect_deadline)
         self.attempts.append(dial)
         dial.start()
         if self.state is DIALING:  # not connected at once (the loopback fast path)
@@ -987,15 +999,18 @@ class Relay:
     def _next_target(self):
         """(endpoint, address) to try next: the addresses of one endpoint in turn (the one that
         last answered first), then those of the plan's next endpoint; None when all were tried."""
-        while not self.targets:
-            if not self.plan:
-                return None
+        if self.targets:
+            return self.targets.pop(0)
+        while self.plan:
             endpoint = self.plan.pop(0)
-            self.tried.add(endpoint.key)
-            self.targets = [(endpoint, address) for address in self.host.dial_order(endpoint)]
-            if not self.targets:
-                self.host.dial_failed(endpoint, "no address")
-        return self.targets.pop(0)
+            self.tried.append(endpoint)
+            addresses = self.host.dial_order(endpoint)
+            if len(addresses) > 1:
+                self.targets = [(endpoint, address) for address in addresses[1:]]
+            if addresses:
+                return endpoint, addresses[0]
+            self.host.dial_failed(endpoint, "no address")
+        return None
 
     def _wait_for_descriptor(self, endpoint: ep.Endpoint, reason: str) -> None:
         """Out of descriptors or ports is our problem, not the endpoint's: keep the client waiting
@@ -1007,7 +1022,7 @@ class Relay:
         self.host.local_fault(self, reason, giving_up=False)
         self.targets = []
         self.plan.insert(0, endpoint)
-        self.tried.discard(endpoint.key)
+        self.tried.remove(endpoint)
         self.retry_timer = self.reactor.call_later(ACCEPT_PAUSE_DELAY, self._retry_after_local_fault)
 
     def _retry_after_local_fault(self) -> None:
@@ -1035,7 +1050,8 @@ class Relay:
         self.host.dial_failed(endpoint, reason)
         # Plan again: after a failure the policy chooses anew (sticky's next endpoint serves
         # this client too), and endpoints already tried are not tried twice.
-        self.plan = [e for e in self.host.plan() if e.key not in self.tried]
+        tried = {e.key for e in self.tried}
+        self.plan = [e for e in self.host.plan() if e.key not in tried]
 
     def _connected(self, dial: Dial, sock) -> None:
         if self.attempts:  # the losers of a race
@@ -1227,11 +1243,14 @@ class Relay:
             return
         was_relaying = self.state is RELAYING
         self.state = CLOSED
-        for dial in self.attempts:
-            dial.cancel()
-        self.attempts = []
-        self.reactor.cancel(self.stagger_timer)
-        self.reactor.cancel(self.retry_timer)
+        if self.attempts:
+            for dial in self.attempts:
+                dial.cancel()
+            self.attempts = []
+        if self.stagger_timer is not None:
+            self.reactor.cancel(self.stagger_timer)
+        if self.retry_timer is not None:
+            self.reactor.cancel(self.retry_timer)
         for sock, mask in ((self.client_sock, self.client_mask), (self.upstream_sock, self.upstream_mask)):
             if sock is None:
                 continue
@@ -1246,7 +1265,8 @@ class Relay:
             if flow.pipe is not None:
                 PipePool.discard(flow.pipe)
                 flow.pipe, flow.piped = None, 0
-        self.host.relay_closed(self, self.endpoint if was_relaying else None, reset)
+        self.host.relay_closed(self, self.endpoint if was_relaying else None, reset,
+                               self.up.total, self.down.total)
 
 
 # ===================================================================================== probes ==
@@ -2206,9 +2226,9 @@ class Connections(RelayHost):
         self.log.limited("error", "relay-bug:" + type(exc).__name__, 5.0, "connection failed",
                          relay=repr(relay), error=repr(exc))
 
-    def relay_closed(self, relay: Relay, endpoint: Optional[ep.Endpoint], reset: bool) -> None:
+    def relay_closed(self, relay: Relay, endpoint: Optional[ep.Endpoint], reset: bool,
+                     up: int, down: int) -> None:
         self.relays.discard(relay)
-        up, down = relay.bytes_moved()
         self.stats.client_to_upstream += up
         self.stats.upstream_to_client += down
         if endpoint is not None:

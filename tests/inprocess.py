@@ -540,5 +540,6 @@ class FakeHost(gateway.RelayHost):
     def relay_failed(self, relay, exc):
         self.reports.append(("relay_failed", exc))
 
-    def relay_closed(self, relay, endpoint, reset):
-        self.reports.append(("closed", endpoint, reset, relay.bytes_moved()))
+    def relay_closed(self, relay, endpoint, reset, bytes_up, bytes_down):
+        assert (bytes_up, bytes_down) == relay.bytes_moved()
+        self.reports.append(("closed", endpoint, reset, (bytes_up, bytes_down)))
