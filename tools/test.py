@@ -32,6 +32,11 @@ def main(args: "list[str]") -> int:
     started = time.monotonic()
     status = subprocess.call(argv, cwd=str(ROOT))
     provision.say("test.py: tox exited {} after {:.0f} s".format(status, time.monotonic() - started))
+    if status != 0 and "-r" not in args:
+        # tox 3 keeps an environment whose first install failed (a network error, say) and
+        # then only reinstalls our package into it, without pytest and the other test packages.
+        provision.say("test.py: if a first run was interrupted, `python3 tools/test.py -r` "
+                      "recreates tox's environments")
     return status
 
 
