@@ -2,13 +2,14 @@
 
     python3 bench/run.py --rounds 3 2> bench/runs/DATE-COMMIT.log
     python3 bench/pool.py bench/runs/*.log
+    python3 bench/pool.py --spread bench/runs/*.log   # each median with its quartiles
 
 bench/run.py prints one progress line per (round, workload, proxy) on stderr. Within a round
 the proxies ran minutes apart on the same machine, so the ratio of ours to the Go gateway *in
 that round* cancels most of this machine's slow drifts; the median of those paired ratios over
 every round of every run given is steadier than any single run's ratio of medians. Pool only
-runs of the same gateway code: the rows mean what that commit's defaults meant (see
-bench/runs/README.md).
+runs of the same gateway code: the rows mean what that commit's defaults meant (see "Earlier
+runs" in docs/PERFORMANCE.md).
 """
 import re
 import statistics
@@ -35,8 +36,8 @@ def read_rounds(paths: List[str]) -> Dict[str, Dict[tuple, Dict[str, Figures]]]:
     return rounds
 
 
-def paired_medians(by_round: Dict[tuple, Dict[str, Figures]], proxy: str) -> List[str]:
-    """Median over rounds of proxy/go for throughput, CPU per unit and p99."""
+def paired_ratios(by_round: Dict[tuple, Dict[str, Figures]], proxy: str) -> List[List[float]]:
+    """proxy/go per round, in three columns: throughput, CPU per unit, p99."""
     columns: List[List[float]] = [[], [], []]
     for proxies in by_round.values():
         if proxy not in proxies or "go" not in proxies:
@@ -45,10 +46,23 @@ def paired_medians(by_round: Dict[tuple, Dict[str, Figures]], proxy: str) -> Lis
         for column, (a, b) in zip(columns, ((ours[0], go[0]), (ours[2], go[2]), (ours[1], go[1]))):
             if a and b:
                 column.append(a / b)
-    return ["%.2f" % statistics.median(c) if c else "–" for c in columns]
+    return columns
 
 
-def main(paths: List[str]) -> int:
+def cell(ratios: List[float], spread: bool) -> str:
+    """The median; with `spread`, also the quartiles: the middle half of the rounds."""
+    if not ratios:
+        return "–"
+    median = "%.2f" % statistics.median(ratios)
+    if not spread or len(ratios) < 2:
+        return median
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return "%s (%.2f–%.2f)" % (median, low, high)
+
+
+def main(args: List[str]) -> int:
+    spread = "--spread" in args
+    paths = [a for a in args if a != "--spread"]
     if not paths:
         sys.exit(__doc__)
     rounds = read_rounds(paths)
@@ -60,7 +74,7 @@ def main(paths: List[str]) -> int:
         if workload == "idle scale":
             continue
         paired = sum(1 for proxies_ in by_round.values() if "go" in proxies_ and "ours" in proxies_)
-        cells = [cell for p in proxies for cell in paired_medians(by_round, p)]
+        cells = [cell(ratios, spread) for p in proxies for ratios in paired_ratios(by_round, p)]
         print(f"| {workload} | {paired} | " + " | ".join(cells) + " |")
     return 0
 
