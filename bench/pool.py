@@ -3,8 +3,9 @@
     python3 bench/run.py --rounds 3 2> bench/runs/DATE-COMMIT.log
     python3 bench/pool.py bench/runs/*.log
     python3 bench/pool.py --reference ours-base A.log B.log C.log   # after ÷ before, paired
+    python3 bench/pool.py --quartiles bench/runs/*.log   # the middle half instead of min-max
 
-Each cell is the median of the paired per-round ratios with their min-max.
+Each cell is the median of the paired per-round ratios with their min-max (or quartiles).
 
 bench/run.py prints one progress line per (round, workload, proxy) on stderr. Within a round
 the proxies ran minutes apart on the same machine, so the ratio of ours to the Go gateway *in
@@ -52,17 +53,25 @@ def paired_ratios(by_round: Dict[tuple, Dict[str, Figures]], proxy: str,
     return columns
 
 
-def cell(ratios: List[float]) -> str:
-    """The median with the min-max of the rounds: a cell whose rounds straddle a target shows it."""
+def cell(ratios: List[float], quartiles: bool = False) -> str:
+    """The median with the min-max of the rounds (a cell whose rounds straddle a target shows
+    it), or with the quartiles: the middle half of the rounds."""
     if not ratios:
         return "–"
-    return "%.2f (%.2f-%.2f)" % (statistics.median(ratios), min(ratios), max(ratios))
+    if quartiles and len(ratios) >= 2:
+        low, _, high = statistics.quantiles(ratios, n=4)
+    else:
+        low, high = min(ratios), max(ratios)
+    return "%.2f (%.2f-%.2f)" % (statistics.median(ratios), low, high)
 
 
 def main(argv: List[str]) -> int:
-    reference = "go"
-    if argv[:1] == ["--reference"]:
-        reference, argv = argv[1], argv[2:]
+    reference, quartiles = "go", False
+    while argv[:1] in (["--reference"], ["--quartiles"]):
+        if argv[0] == "--quartiles":
+            quartiles, argv = True, argv[1:]
+        else:
+            reference, argv = argv[1], argv[2:]
     if not argv:
         sys.exit(__doc__)
     rounds = read_rounds(argv)
@@ -75,7 +84,7 @@ def main(argv: List[str]) -> int:
         if workload == "idle scale":
             continue
         paired = sum(1 for proxies_ in by_round.values() if reference in proxies_ and "ours" in proxies_)
-        cells = [cell(c) for p in proxies for c in paired_ratios(by_round, p, reference)]
+        cells = [cell(c, quartiles) for p in proxies for c in paired_ratios(by_round, p, reference)]
         print(f"| {workload} | {paired} | " + " | ".join(cells) + " |")
     return 0
 

