@@ -83,7 +83,7 @@ def ensure_tox() -> "list[str]":
     try:
         apt_install(packages, "tox")
     except ProvisionError as e:
-        raise ProvisionError("{}\n(any tox from 3.28 on will do, however installed)".format(e))
+        raise ProvisionError("{}\n(any tox from 3.28 on will do, however installed)".format(e)) from None
     command = tox_command()
     if command is None:
         raise ProvisionError("apt-get installed tox, but no `tox` is on PATH")
