@@ -2156,6 +2156,32 @@ def open_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+class StartupStopped(BaseException):
+    """SIGTERM/SIGINT before the gateway serves. A BaseException, as KeyboardInterrupt, so that
+    it leaves the reactor's loop (which contains handler errors) and start-up; main() exits 0."""
+
+
+class StartupSignals:
+    """Signal handlers from the first moment of serve() (issue 12 item 5): SIGUSR2's and
+    SIGHUP's default action would end a process still starting, and a first discovery round
+    waiting on a silent DNS server could not be stopped by SIGTERM. serve() replaces them all
+    once it serves; until the loop runs, the signals wait in the reactor's wake-up socket."""
+
+    def __init__(self, reactor: Reactor, log: Log):
+        self.log = log
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            reactor.add_signal_handler(signum, self._stop)
+        for signum in (signal.SIGHUP, signal.SIGUSR2):
+            reactor.add_signal_handler(signum, self._not_yet)
+
+    def _stop(self, signum: int) -> None:
+        self.log.info("stopping before serving", signal=signal.Signals(signum).name)
+        raise StartupStopped()
+
+    def _not_yet(self, signum: int) -> None:
+        self.log.info("ignoring signal: still starting", signal=signal.Signals(signum).name)
+
+
 def first_discovery(reactor: Reactor, source: EndpointSource, options, log: Log) -> List[ep.Endpoint]:
     """Find the endpoints before anything listens, with the same non-blocking machinery the
     refreshes use: the reactor runs until the round has finished."""
@@ -2204,6 +2230,7 @@ def run(options, log: Log) -> int:
 
 
 def serve(reactor: Reactor, options, log: Log) -> int:
+    StartupSignals(reactor, log)
     tls_context = discovery_tls_context(options)
     source = EndpointSource(reactor, options, tls_context)
     endpoints = first_discovery(reactor, source, options, log) if source.dynamic else options.endpoints
@@ -2254,6 +2281,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except StartupStopped:
+        return 0
     except Exception as exc:  # no traceback for an operator; the type and message say enough
         sys.stderr.write("etcd-gateway: fatal: %s: %s\n" % (type(exc).__name__, exc))
         return 1
