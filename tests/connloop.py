@@ -22,6 +22,10 @@ PAYLOAD_BYTES = 16
 OUTCOMES = ("ok", "refused", "reset", "eof", "mismatch", "timeout", "other")
 
 
+def _ms(seconds):
+    return round(seconds * 1000, 1)
+
+
 class _Op:
     __slots__ = ("index", "sock", "started", "payload", "received")
 
@@ -74,13 +78,21 @@ class ConnectionLoop:
             time.sleep(0.01)
         return self.done() >= count
 
-    def figures(self):
+    def figures(self, quiet_until=None):
+        """Outcome counts and waits; with `quiet_until` (a monotonic instant before the first
+        switch) also the longest wait of the operations started before it: the noise floor of
+        this machine at that moment, to read the longest wait against."""
         waits = sorted(wait for _, wait in self.waits)
         failed = sum(n for outcome, n in self.outcomes.items() if outcome != "ok")
-        return dict(self.outcomes, ops=self.done(), failed=failed,
-                    longest_wait_ms=round(waits[-1] * 1000, 1) if waits else None,
-                    p99_ms=round(waits[int(len(waits) * 0.99) - 1] * 1000, 1) if waits else None,
-                    rate_per_s=round(self.done() / self.elapsed) if self.elapsed else None)
+        figures = dict(self.outcomes, ops=self.done(), failed=failed,
+                       longest_wait_ms=_ms(waits[-1]) if waits else None,
+                       p99_ms=_ms(waits[int(len(waits) * 0.99) - 1]) if waits else None,
+                       median_ms=_ms(waits[len(waits) // 2]) if waits else None,
+                       rate_per_s=round(self.done() / self.elapsed) if self.elapsed else None)
+        if quiet_until is not None:
+            quiet = [wait for started, wait in self.waits if started < quiet_until]
+            figures["longest_wait_before_switch_ms"] = _ms(max(quiet)) if quiet else None
+        return figures
 
     # -- the loop ---------------------------------------------------------------------------------
 

@@ -100,15 +100,21 @@ def kill_quietly(pid):
         pass
 
 
+def descriptors(pid, lowest=0):
+    """What the descriptors from `lowest` on of a running process are (one may close meanwhile)."""
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if int(fd) >= lowest:
+                targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return sorted(targets)
+
+
 def relay_pipes(pid):
     """Pipes the process holds beyond its standard streams: splice(2) pipes, kept while busy."""
-    fd_dir = f"/proc/{pid}/fd"
-    return [fd for fd in os.listdir(fd_dir)
-            if int(fd) > 2 and os.readlink(f"{fd_dir}/{fd}").startswith("pipe:")]
-
-
-def descriptors(pid):
-    return sorted(os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+    return [target for target in descriptors(pid, lowest=3) if target.startswith("pipe:")]
 
 
 def health(port):
@@ -162,15 +168,22 @@ def test_socket_activated_restarts_refuse_no_client(echo, harness):
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
         assert fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
         loop = ConnectionLoop(("127.0.0.1", port), OPS).start()
+        stops, starts, first_switch = [], [], None
         for restart in range(RESTARTS):
             assert loop.wait_for_done(SETTLE_OPS * (restart + 1)), loop.figures()
+            began = time.monotonic()
+            first_switch = first_switch or began
             gateways[-1].signal(signal.SIGTERM)  # as systemctl restart: stop, wait, start
             assert gateways[-1].wait() == 0, gateways[-1].log.text()
+            stopped = time.monotonic()
             gateways.append(activated([sock], args, harness))
-        figures = loop.join().figures()
+            stops.append(stopped - began)
+            starts.append(time.monotonic() - stopped)
+        figures = loop.join().figures(quiet_until=first_switch)
         gateways[-1].signal(signal.SIGTERM)
         assert gateways[-1].wait() == 0
-        record(dict(scenario=f"socket-activated restart ({harness})", switches=RESTARTS, **figures))
+        record(dict(scenario=f"socket-activated restart ({harness})", switches=RESTARTS,
+                    longest_stop_s=round(max(stops), 3), longest_start_s=round(max(starts), 3), **figures))
         assert_no_client_failed(figures, loop, gateways[-1].log.text())
     finally:
         for gateway in gateways:
@@ -262,8 +275,8 @@ def test_handovers_in_a_row_refuse_no_client(echo):
             assert loop.wait_for_done(SETTLE_OPS * (switch + 1)), loop.figures()
             began = time.monotonic()
             chain.hand_over()
-            switch_times.append(time.monotonic() - began)
-        figures = loop.join().figures()
+            switch_times.append((began, time.monotonic() - began))
+        figures = loop.join().figures(quiet_until=switch_times[0][0])
         survivor = chain.current
         chain.reap_old()
         # The survivor serves the status port it inherited as well.
@@ -271,7 +284,8 @@ def test_handovers_in_a_row_refuse_no_client(echo):
         fds_back = wait_until(lambda: fd_count(survivor) <= baseline_fds, timeout=15)
         survivor_fds, survivor_rss = fd_count(survivor), rss_bytes(survivor)
         record(dict(scenario="SIGUSR2 handover", switches=SWITCHES,
-                    longest_switch_s=round(max(switch_times), 3), baseline_fds=baseline_fds,
+                    longest_switch_s=round(max(took for _, took in switch_times), 3),
+                    baseline_fds=baseline_fds,
                     survivor_fds=survivor_fds, baseline_rss_kib=baseline_rss // 1024,
                     survivor_rss_kib=survivor_rss // 1024, **figures))
         assert_no_client_failed(figures, loop, first.log.text())
@@ -333,9 +347,10 @@ def test_handover_under_systemd(echo, tmp_path):
             seen = receive_until(notify, "READY=1")
             loop = ConnectionLoop(("127.0.0.1", port), OPS // 2).start()
             assert loop.wait_for_done(SETTLE_OPS)
+            first_switch = time.monotonic()
             new_pid = chain.hand_over()
             seen += receive_until(notify, f"MAINPID={new_pid}")
-            figures = loop.join().figures()
+            figures = loop.join().figures(quiet_until=first_switch)
             chain.reap_old()
             assert health(metrics_port).startswith(b"HTTP/1.1 200")
             os.kill(new_pid, signal.SIGTERM)
@@ -440,12 +455,12 @@ def plain_restart(start, address):
     try:
         loop = ConnectionLoop(address, OPS).start()
         assert loop.wait_for_done(SETTLE_OPS)
+        first_switch = time.monotonic()
         process.signal(signal.SIGTERM)
         process.wait()
         process.stop()
         process = start()
-        figures = loop.join().figures()
-        return figures
+        return loop.join().figures(quiet_until=first_switch)
     finally:
         process.stop()
 
