@@ -37,7 +37,8 @@ import pytest
 
 from connloop import ConnectionLoop
 from dnsserver import DNSTestServer
-from support import ROOT, Gateway, free_port, ping, rss_bytes, fd_count, wait_until
+from support import (ROOT, Gateway, closed_by_peer, fd_count, free_port, ping, recv_exactly, rss_bytes,
+                     wait_until)
 from test_pyz import build_pyz
 from test_systemd import notify_socket, receive_until
 from upstreams import EchoServer
@@ -402,6 +403,37 @@ def test_a_failed_handover_leaves_the_old_process_serving(echo, tmp_path, case):
         assert ping(("127.0.0.1", port)) == b"ping"
         gateway.signal(signal.SIGTERM)
         assert gateway.wait() == 0
+
+
+def test_open_connections_finish_on_the_old_process(echo):
+    """As on SIGTERM: after the handover, the old process relays its open connections until they
+    end, closes those still open at --shutdown-timeout, and exits 0."""
+    port = free_port()
+    first = Gateway(gateway_args(port, echo, "--shutdown-timeout=3s"))
+    chain = Generations(first)
+    ending, lingering = (socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2))
+    try:
+        for sock in (ending, lingering):
+            sock.sendall(b"before")
+            assert recv_exactly(sock, 6) == b"before"
+        chain.hand_over()
+        began = time.monotonic()
+        for sock in (ending, lingering):  # still relayed by the old process, which drains
+            sock.sendall(b"after!")
+            assert recv_exactly(sock, 6) == b"after!"
+        assert first.proc.poll() is None
+        ending.shutdown(socket.SHUT_WR)  # a clean end, passed on as usual
+        assert ending.recv(10) == b""
+        assert closed_by_peer(lingering, timeout=10)  # at --shutdown-timeout
+        assert first.wait() == 0
+        assert 2.5 < time.monotonic() - began < 10, "the old process did not wait for --shutdown-timeout"
+        assert first.log.wait_for("shutdown timeout: closing open connections active=1", timeout=5)
+        assert ping(("127.0.0.1", port)) == b"ping"  # the new process serves
+        assert chain.stop() == 0
+    finally:
+        ending.close()
+        lingering.close()
+        chain.kill_all()
 
 
 def test_stopping_during_a_handover_stops_the_new_process_too(echo, tmp_path):
