@@ -40,7 +40,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import dnssrv
 import endpoints as ep
@@ -1676,6 +1676,11 @@ class StatusPages:
         self.listener = StatusListener(self.reactor, self.log, sock, self)
         self.listener.start()
 
+    def stop_accepting(self) -> None:
+        """Leave the port (a new process serves it now); requests in progress are answered."""
+        if self.listener is not None:
+            self.listener.stop()
+
     def close(self) -> None:
         if self.listener is not None:
             self.listener.close()
@@ -2176,10 +2181,21 @@ class Connections(RelayHost):
         """(host, port) of the proxy port, or None once it has closed."""
         return self.listener.sock.getsockname()[:2] if self.listener is not None else None
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, take_backlog: bool = False) -> None:
         if self.listener is not None:
+            if take_backlog:
+                self._take_backlog()
             self.listener.stop()
             self.listener = None
+
+    def _take_backlog(self) -> None:
+        """Accept the clients already queued: closing the listening socket would reset them."""
+        for _ in range(LISTEN_BACKLOG):
+            try:
+                client_sock, peer = self.listener.sock.accept()
+            except OSError:  # drained (EAGAIN), or out of descriptors: the rest cannot be had
+                return
+            self.open(client_sock, peer)
 
     def open(self, client_sock: socket.socket, peer) -> None:
         client_sock.setblocking(False)  # TCP_NODELAY and keep-alive come from the listener
@@ -2527,7 +2543,10 @@ class Gateway:
 
     # -- shutdown ----------------------------------------------------------------------------------
 
-    def begin_shutdown(self, signum: int) -> None:
+    def begin_shutdown(self, signum: int, handing_over: bool = False) -> None:
+        """Stop accepting and drain. Clients already waiting in the listen backlog are taken in
+        first (closing the only descriptor of a listening socket resets them), unless a new
+        process shares the socket and will accept them (`handing_over`)."""
         if self.shutting_down:
             return
         self.shutting_down = True
@@ -2537,7 +2556,7 @@ class Gateway:
         sd_notify("STOPPING=1")
         self.status.draining = True
         self.health.stop_checks()
-        self.connections.stop_accepting()
+        self.connections.stop_accepting(take_backlog=not handing_over)
         self.connections.drain(self.shutdown_timeout, self.reactor.stop)
 
     def close(self) -> None:
@@ -2622,6 +2641,32 @@ def open_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+class StartupStopped(BaseException):
+    """SIGTERM/SIGINT before the gateway serves. A BaseException, as KeyboardInterrupt, so that
+    it leaves the reactor's loop (which contains handler errors) and start-up; main() exits 0."""
+
+
+class StartupSignals:
+    """Signal handlers from the first moment of serve() (issue 12 item 5): SIGUSR2's and
+    SIGHUP's default action would end a process still starting, and a first discovery round
+    waiting on a silent DNS server could not be stopped by SIGTERM. serve() replaces them all
+    once it serves; until the loop runs, the signals wait in the reactor's wake-up socket."""
+
+    def __init__(self, reactor: Reactor, log: Log):
+        self.log = log
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            reactor.add_signal_handler(signum, self._stop)
+        for signum in (signal.SIGHUP, signal.SIGUSR2):
+            reactor.add_signal_handler(signum, self._not_yet)
+
+    def _stop(self, signum: int) -> None:
+        self.log.info("stopping before serving", signal=signal.Signals(signum).name)
+        raise StartupStopped()
+
+    def _not_yet(self, signum: int) -> None:
+        self.log.info("ignoring signal: still starting", signal=signal.Signals(signum).name)
+
+
 def first_discovery(reactor: Reactor, source: EndpointSource, options, log: Log) -> List[ep.Endpoint]:
     """Find the endpoints before anything listens, with the same non-blocking machinery the
     refreshes use: the reactor runs until the round has finished."""
@@ -2658,6 +2703,416 @@ def discovery_tls_context(options):
     return None
 
 
+# ------------------------------------------------- socket activation and live handover (issue 15) --
+#
+# Both hand a listening socket from one process to the next, so the kernel queues the clients of
+# the switch instead of refusing them. The new process learns what it inherits from the variables
+# of sd_listen_fds(3): LISTEN_PID (its own PID, or the variables are not meant for it),
+# LISTEN_FDS (how many descriptors, from 3 on) and LISTEN_FDNAMES (their names). systemd sets them
+# for a socket unit; on SIGUSR2 a running gateway sets them for the copy of itself it starts,
+# adds the channel the copy reports READY=1 on (ETCD_GATEWAY_HANDOVER_FD, the descriptor after
+# the listeners) and its endpoint set (ETCD_GATEWAY_HANDOVER_ENDPOINTS), then drains as on SIGTERM.
+
+LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
+LISTEN_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+HANDOVER_FD_ENV = "ETCD_GATEWAY_HANDOVER_FD"
+HANDOVER_ENDPOINTS_ENV = "ETCD_GATEWAY_HANDOVER_ENDPOINTS"
+# Read at each SIGUSR2, for tests and troubleshooting: another interpreter path, another bound.
+HANDOVER_EXECUTABLE_ENV = "ETCD_GATEWAY_HANDOVER_EXECUTABLE"
+HANDOVER_TIMEOUT_ENV = "ETCD_GATEWAY_HANDOVER_TIMEOUT"
+# A new process not serving by then is killed, and the old one goes on serving. Generous: the new
+# process skips discovery (it gets the endpoints), so it needs only an interpreter start.
+HANDOVER_READY_TIMEOUT = 30.0
+_DECIMAL = re.compile(r"[0-9]{1,10}")
+
+
+class Inheritance(NamedTuple):
+    """What a starting process was given instead of binding and discovering by itself."""
+
+    listeners: dict  # role ("proxy", "status") -> descriptor
+    ready_fd: int  # the handover channel to send READY=1 on; -1 when no gateway started us
+    endpoints: Optional[list]  # the endpoint set of the process handing over; None: discover
+
+
+def _decimal(text: str, name: str) -> int:
+    if not _DECIMAL.fullmatch(text):  # int() would take " 3", "+3" and other scripts' digits
+        raise ValueError("%s=%r is not a number" % (name, text))
+    return int(text)
+
+
+def parse_inheritance(environ, pid: int) -> Inheritance:
+    """Read the sd_listen_fds(3) variables (and those of a handover) as process `pid`. Pure.
+
+    No LISTEN_FDS or LISTEN_PID, or another process's PID in LISTEN_PID (the variables leaked
+    from a parent): nothing is inherited. One socket is the proxy listener whatever its name; two
+    must be named `proxy` and `status` (the --metrics-addr port) by LISTEN_FDNAMES, in any order.
+    Anything else raises ValueError with the reason.
+    """
+    if "LISTEN_FDS" not in environ or "LISTEN_PID" not in environ:
+        return Inheritance({}, -1, None)
+    if _decimal(environ["LISTEN_PID"], "LISTEN_PID") != pid:
+        return Inheritance({}, -1, None)
+    count = _decimal(environ["LISTEN_FDS"], "LISTEN_FDS")
+    names = environ.get("LISTEN_FDNAMES", "").split(":")
+    if count == 1:
+        listeners = {"proxy": LISTEN_FDS_START}
+    elif count == 2 and sorted(names) == ["proxy", "status"]:
+        listeners = {name: LISTEN_FDS_START + index for index, name in enumerate(names)}
+    elif count == 2:
+        raise ValueError("2 sockets need LISTEN_FDNAMES=proxy:status (the --metrics-addr port), "
+                         "not %r" % environ.get("LISTEN_FDNAMES", ""))
+    else:
+        raise ValueError("LISTEN_FDS=%d: pass the proxy socket, and a status socket at most" % count)
+    ready_fd = -1
+    if HANDOVER_FD_ENV in environ:
+        ready_fd = _decimal(environ[HANDOVER_FD_ENV], HANDOVER_FD_ENV)
+        if ready_fd != LISTEN_FDS_START + count:
+            raise ValueError("%s=%d: the channel follows the listeners, at %d"
+                             % (HANDOVER_FD_ENV, ready_fd, LISTEN_FDS_START + count))
+    endpoints = None
+    if HANDOVER_ENDPOINTS_ENV in environ:
+        endpoints = decode_endpoints(environ[HANDOVER_ENDPOINTS_ENV])
+    return Inheritance(listeners, ready_fd, endpoints)
+
+
+def encode_endpoints(endpoints: Sequence[ep.Endpoint]) -> str:
+    """One environment value: `host port priority weight address secure tls_name` per endpoint,
+    space-separated (address and tls_name may be empty), endpoints comma-separated. Neither
+    separator can occur in a host name or an IP literal."""
+    return ",".join(" ".join((e.host, str(e.port), str(e.priority), str(e.weight), e.address,
+                              "1" if e.secure else "0", e.tls_name)) for e in endpoints)
+
+
+def decode_endpoints(text: str) -> List[ep.Endpoint]:
+    """The inverse of encode_endpoints, checking every field as strictly as the flags are
+    checked; ValueError names the first bad one."""
+    endpoints = []
+    for item in text.split(","):
+        fields = item.split(" ")
+        if len(fields) != 7:
+            raise ValueError("handed-over endpoint %r has %d fields, not 7" % (item, len(fields)))
+        host, port, priority, weight, address, secure, tls_name = fields
+        port_number = _decimal(port, "port")
+        ep.split_hostport(ep.format_hostport(host, port_number))  # the host and port, as --endpoints
+        numbers = [_decimal(priority, "priority"), _decimal(weight, "weight")]
+        if address and not ep.parse_endpoint(ep.format_hostport(address, port_number)).address:
+            raise ValueError("handed-over address %r is not an IP address" % address)
+        if secure not in ("0", "1") or max(numbers) > 65535:
+            raise ValueError("malformed handed-over endpoint %r" % item)
+        if tls_name:
+            ep.split_hostport(ep.format_hostport(tls_name, port_number))
+        endpoints.append(ep.Endpoint(host, port_number, numbers[0], numbers[1], address,
+                                     secure == "1", tls_name))
+    return endpoints
+
+
+def adopt_listener(fd: int, role: str) -> socket.socket:
+    """An inherited descriptor as our listener, set up as open_listener sets up its own."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ConfigError("inherited %s socket (descriptor %d): %s" % (role, fd, error_reason(exc))) from None
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:
+        listening = 0
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM \
+            or not listening:
+        sock.close()
+        raise ConfigError("inherited %s socket (descriptor %d) is not a listening TCP socket" % (role, fd))
+    sock.set_inheritable(False)  # a process we start gets it only through a handover
+    sock.setblocking(False)
+    tune_listener(sock)  # accepted sockets inherit TCP_NODELAY and keep-alive from it
+    return sock
+
+
+class Inherited:
+    """The sockets and endpoints a starting process takes over, and whom it tells it is ready."""
+
+    def __init__(self, proxy=None, status=None, channel=None, endpoints=None, origin="bound"):
+        self.proxy = proxy
+        self.status = status
+        self.channel = channel
+        self.endpoints = endpoints
+        self.origin = origin  # "bound" (nothing inherited), "systemd" or "handover"
+
+    def announce_ready(self) -> None:
+        """Clients can connect now. Tell the process handing over, which then makes us systemd's
+        main process (it said READY=1 long ago); else systemd. Called before the loop accepts
+        anyone, so a process that cannot say it has served no client and may just exit."""
+        if self.channel is None:
+            sd_notify("READY=1")
+            return
+        try:
+            self.channel.send(b"READY=1")
+        except OSError as exc:  # it gave up on us, or was stopped and is gone
+            raise ConfigError("handover: the previous process stopped waiting for us (%s)"
+                              % error_reason(exc)) from None
+        finally:
+            self.channel.close()
+            self.channel = None
+
+
+def take_inherited(environ, log: Log) -> Inherited:
+    """Take what socket activation or a handover passed, and remove its variables from `environ`
+    (as sd_listen_fds(3) does): a process we start later must not take them for its own."""
+    try:
+        parsed = parse_inheritance(environ, os.getpid())
+    except ValueError as exc:
+        raise ConfigError("socket activation: %s" % exc) from None
+    finally:
+        for name in LISTEN_ENV + (HANDOVER_FD_ENV, HANDOVER_ENDPOINTS_ENV):
+            environ.pop(name, None)
+    if not parsed.listeners:
+        return Inherited()
+    sockets = {role: adopt_listener(fd, role) for role, fd in parsed.listeners.items()}
+    addresses = {role: ep.format_hostport(*sock.getsockname()[:2]) for role, sock in sockets.items()}
+    inherited = Inherited(sockets.get("proxy"), sockets.get("status"), endpoints=parsed.endpoints,
+                          origin="handover" if parsed.ready_fd >= 0 else "systemd")
+    if parsed.ready_fd < 0:
+        log.info("using listening sockets from socket activation", **addresses)
+        return inherited
+    try:
+        inherited.channel = socket.socket(fileno=parsed.ready_fd)
+    except OSError as exc:
+        raise ConfigError("handover channel (descriptor %d): %s"
+                          % (parsed.ready_fd, error_reason(exc))) from None
+    inherited.channel.set_inheritable(False)
+    log.info("taking over from the previous process", pid=os.getpid(), old_pid=os.getppid(),
+             endpoints=len(parsed.endpoints or ()), **addresses)
+    return inherited
+
+
+def interpreter_options() -> List[str]:
+    """The interpreter's own options, for Python < 3.10, which has no sys.orig_argv."""
+    flags, options = sys.flags, []
+    if flags.optimize:
+        options.append("-" + "O" * flags.optimize)
+    for name, option in (("isolated", "-I"), ("ignore_environment", "-E"), ("no_user_site", "-s"),
+                         ("no_site", "-S"), ("dont_write_bytecode", "-B")):
+        if getattr(flags, name, 0):
+            options.append(option)
+    options += ["-W" + option for option in sys.warnoptions]
+    options += ["-X" + (key if value is True else "%s=%s" % (key, value))
+                for key, value in getattr(sys, "_xoptions", {}).items()]
+    return options
+
+
+def restart_command(executable: str, orig_argv, argv: Sequence[str], args: Sequence[str],
+                    fallback_options: Sequence[str] = ()) -> List[str]:
+    """The command that runs this program again with `args`: the same interpreter `executable`
+    with the same options and the same way in: `-m gateway`, the console script or the .pyz.
+    `orig_argv` is sys.orig_argv (Python >= 3.10: the interpreter's own argv, which ends with
+    sys.argv[1:]); without it, sys.argv[0] names the file to run (`-m gateway` sets it to
+    gateway.py's path, whose `__main__` guard calls the same main()). ValueError when neither
+    tells."""
+    if not executable:
+        raise ValueError("no interpreter path (sys.executable is empty)")
+    if orig_argv:
+        way_in = list(orig_argv[1:len(orig_argv) - (len(argv) - 1)])
+    elif argv and argv[0] not in ("", "-c", "-m"):
+        way_in = list(fallback_options) + [argv[0]]
+    else:
+        raise ValueError("cannot tell how this process was started (sys.argv[0] is %r)"
+                         % (argv[0] if argv else ""))
+    return [executable] + way_in + list(args)
+
+
+def place_descriptors(fds: Sequence[int]) -> None:
+    """Copy `fds` to 3, 4, ... in order, inheritable, without one copy clobbering a source not
+    yet copied: first each goes above every source and target (close-on-exec), then to its place."""
+    high = max(list(fds) + [LISTEN_FDS_START + len(fds) - 1]) + 1
+    for index, fd in enumerate(fds):
+        os.dup2(fd, high + index, inheritable=False)
+    for index in range(len(fds)):
+        os.dup2(high + index, LISTEN_FDS_START + index, inheritable=True)
+
+
+def exec_handover(executable: str, command: List[str], environ: dict, fds: Sequence[int]) -> None:
+    """In the forked child: move `fds` to 3, 4, ... and run `command` with `environ`; never
+    returns. LISTEN_PID must be the new process's own PID, hence a fork and an exec rather than
+    one spawn. If the exec fails, the channel (the last of `fds`) says `ERRNO=`, as sd_notify."""
+    try:
+        signal.set_wakeup_fd(-1)  # a signal for this child must not wake the parent's loop
+        place_descriptors(fds)
+        environ["LISTEN_PID"] = str(os.getpid())
+        os.execve(executable, command, environ)
+    except OSError as exc:
+        try:
+            os.write(LISTEN_FDS_START + len(fds) - 1, b"ERRNO=%d" % (exc.errno or 0))
+        except OSError:
+            pass
+    finally:
+        os._exit(127)
+
+
+def exit_description(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return "killed by %s" % signal.Signals(os.WTERMSIG(status)).name
+    return "exit status %d" % os.WEXITSTATUS(status)
+
+
+class Handover:
+    """SIGUSR2: start a new copy of this program on our listening sockets, wait until it says it
+    is ready, then let it be systemd's main process and stop accepting and drain as on SIGTERM
+    (`drain`). Until then we accept as usual; a copy that fails to start or is not ready within
+    the bound is killed and reaped, and we keep serving.
+
+    The channel is a SOCK_SEQPACKET socketpair: the copy sends `READY=1` (sd_notify's words) on
+    its end, and its end closing before that (an exit, a crash, a failed exec) reads as EOF here,
+    so a failure is seen at once rather than at the deadline. The listening sockets stay shared:
+    closing our descriptors of them later resets nothing, and the clients in their backlog are
+    the new process's to accept.
+    """
+
+    def __init__(self, reactor: Reactor, log: Log, args: Sequence[str], sockets: dict,
+                 endpoints: Callable[[], Sequence[ep.Endpoint]], drain: Callable[[int], None]):
+        self.reactor = reactor
+        self.log = log
+        self.args = list(args)
+        self.sockets = {role: sock for role, sock in sockets.items() if sock is not None}
+        self.endpoints = endpoints
+        self.drain = drain
+        self.child_pid = 0
+        self.channel = None
+        self.timer = None
+        self.executable = ""
+        self.handed_over = False
+
+    def __repr__(self):
+        return "<Handover to pid %d>" % self.child_pid
+
+    def start(self, signum: int) -> None:
+        if self.handed_over or self.child_pid:
+            self.log.info("handover already under way or done", new_pid=self.child_pid)
+            return
+        if self.sockets["proxy"].fileno() < 0:
+            self.log.info("not handing over: shutting down")
+            return
+        try:
+            self._spawn()
+        except (OSError, ValueError) as exc:
+            self._close_channel()
+            self.log.error("handover failed, still serving", reason=error_reason(exc))
+
+    def _spawn(self) -> None:
+        self.executable = os.environ.get(HANDOVER_EXECUTABLE_ENV) or sys.executable
+        command = restart_command(self.executable, getattr(sys, "orig_argv", None), sys.argv,
+                                  self.args, interpreter_options())
+        timeout = parse_duration(os.environ.get(HANDOVER_TIMEOUT_ENV) or "0") or HANDOVER_READY_TIMEOUT
+        roles = sorted(self.sockets, key=("proxy", "status").index)
+        environ = dict(os.environ, LISTEN_FDS=str(len(roles)), LISTEN_FDNAMES=":".join(roles))
+        environ[HANDOVER_FD_ENV] = str(LISTEN_FDS_START + len(roles))
+        environ[HANDOVER_ENDPOINTS_ENV] = encode_endpoints(self.endpoints())
+        self.channel, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with child_end:
+            fds = [self.sockets[role].fileno() for role in roles] + [child_end.fileno()]
+            pid = os.fork()
+            if pid == 0:
+                exec_handover(self.executable, command, environ, fds)
+        self.child_pid = pid
+        self.channel.setblocking(False)
+        self.reactor.register(self.channel, EVENT_READ, self)
+        self.timer = self.reactor.call_later(timeout, self._timed_out, timeout)
+        self.log.info("handing over to a new process", pid=os.getpid(), new_pid=pid,
+                      command=" ".join(command), ready_timeout=format_duration(timeout))
+
+    def handle_io(self, sock, mask) -> None:
+        try:
+            message = sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._failed("handover channel: %s" % error_reason(exc))
+            return
+        fields = dict(line.partition("=")[::2] for line in message.decode("ascii", "replace").split("\n"))
+        if fields.get("READY") == "1":
+            self._ready()
+        elif "ERRNO" in fields:
+            code = int(fields["ERRNO"]) if fields["ERRNO"].isdigit() else 0
+            self._failed("cannot run %s: %s" % (self.executable, os.strerror(code).lower()))
+        elif not message:
+            self._failed("the new process ended before it was ready")
+
+    def handle_failure(self, exc) -> None:
+        self._failed("internal error: %r" % (exc,))
+
+    def _timed_out(self, timeout: float) -> None:
+        self.timer = None
+        self.handle_io(self.channel, EVENT_READ)  # READY=1 may sit unread behind this timer
+        if self.child_pid and not self.handed_over:
+            self._failed("the new process was not ready within %s" % format_duration(timeout))
+
+    def _ready(self) -> None:
+        pid, self.child_pid = self.child_pid, 0
+        self._close_channel()
+        if self.sockets["proxy"].fileno() < 0:
+            # Told to stop while the new process started (our listener is closed): it must not
+            # live on as a stray gateway. It may have accepted clients already: SIGTERM, so that
+            # it drains them.
+            self.log.warn("stopping the new process too: this one is shutting down", new_pid=pid)
+            os.kill(pid, signal.SIGTERM)
+            return
+        self.handed_over = True
+        self.log.info("handover complete: the new process serves, this one drains",
+                      pid=os.getpid(), new_pid=pid)
+        # From now on the new process is the service: tell systemd (accepted from its main
+        # process, which we still are: NotifyAccess=main does), and say nothing more ourselves
+        # (no STOPPING=1 from our drain), as sd_notify(3)'s unset_environment does.
+        sd_notify("MAINPID=%d" % pid)
+        os.environ.pop("NOTIFY_SOCKET", None)
+        self.drain(signal.SIGUSR2)
+
+    def _failed(self, reason: str) -> None:
+        pid, self.child_pid = self.child_pid, 0
+        self._close_channel()
+        if pid:
+            try:
+                # It has accepted nobody: a gateway accepts only after saying READY=1.
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._reap(pid, reason)
+
+    def close(self) -> None:
+        """We stop: a new process that is not ready yet must not outlive us."""
+        pid, self.child_pid = self.child_pid, 0
+        self._close_channel()
+        if pid:
+            os.kill(pid, signal.SIGKILL)  # not ready: it has accepted nobody
+            os.waitpid(pid, 0)  # a moment at most
+            self.log.warn("stopped before the new process was ready: killed it", new_pid=pid)
+
+    def _reap(self, pid: int, reason: str) -> None:
+        """Collect the failed child without blocking the loop: a killed process may take a
+        moment to become a zombie."""
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done, status = pid, -1
+        if not done:
+            self.reactor.call_later(0.01, self._reap, pid, reason)
+            return
+        self.log.error("handover failed, still serving", reason=reason, new_pid=pid,
+                       status=exit_description(status) if status >= 0 else "unknown")
+
+    def _close_channel(self) -> None:
+        self.reactor.cancel(self.timer)
+        self.timer = None
+        if self.channel is not None:
+            try:
+                self.reactor.unregister(self.channel)
+            except (KeyError, ValueError):
+                pass  # the failure came before it was registered
+            self.channel.close()
+            self.channel = None
+
+
+def stop_accepting_for_handover(gateway: "Gateway", signum: int) -> None:
+    """Drain as on SIGTERM, and leave the status port to the new process too."""
+    gateway.begin_shutdown(signum, handing_over=True)
+    gateway.status.stop_accepting()
+
 def run(options, log: Log) -> int:
     if not options.endpoints and not options.discovery_srv:
         raise ConfigError("no endpoints: give --endpoints or --discovery-srv")
@@ -2670,18 +3125,25 @@ def run(options, log: Log) -> int:
 
 
 def serve(reactor: Reactor, options, log: Log) -> int:
+    StartupSignals(reactor, log)
+    inherited = take_inherited(os.environ, log)
     tls_context = discovery_tls_context(options)
     source = EndpointSource(reactor, options, tls_context)
-    endpoints = first_discovery(reactor, source, options, log) if source.dynamic else options.endpoints
-    listener_sock = open_listener(*options.listen_addr)
+    endpoints = inherited.endpoints or (
+        first_discovery(reactor, source, options, log) if source.dynamic else options.endpoints)
+    listener_sock = inherited.proxy or open_listener(*options.listen_addr)
     try:
         check_not_self(endpoints, *listener_sock.getsockname()[:2])
-        status_sock = open_listener(*options.metrics_addr) if options.metrics_addr else None
+        status_sock = inherited.status or (
+            open_listener(*options.metrics_addr) if options.metrics_addr else None)
     except ConfigError:
         listener_sock.close()
         raise
     pool = ep.Pool(endpoints, options.policy, options.retry_delay, random.Random())
     gateway = Gateway(reactor, pool, log, options, tls_context)
+    handover = Handover(reactor, log, options.argv, {"proxy": listener_sock, "status": status_sock},
+                        lambda: gateway.pool.endpoints,
+                        lambda signum: stop_accepting_for_handover(gateway, signum))
     log.info("starting etcd-gateway", version=VERSION, python=sys.version.split()[0], pid=os.getpid())
     try:
         gateway.connections.listen(listener_sock)
@@ -2694,12 +3156,14 @@ def serve(reactor: Reactor, options, log: Log) -> int:
         reactor.add_signal_handler(signal.SIGHUP, gateway.refresh_now)
         for signum in (signal.SIGTERM, signal.SIGINT):
             reactor.add_signal_handler(signum, gateway.begin_shutdown)
+        reactor.add_signal_handler(signal.SIGUSR2, handover.start)
         log.info("ready to proxy client requests to [%s]" % ", ".join(str(e) for e in endpoints),
                  listen_addr=ep.format_hostport(*listener_sock.getsockname()[:2]),
-                 policy=options.policy)
-        sd_notify("READY=1")
+                 policy=options.policy, sockets=inherited.origin)
+        inherited.announce_ready()
         reactor.run()
     finally:
+        handover.close()
         gateway.close()
         source.cancel()
     log.info("stopped")
@@ -2712,6 +3176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options = parse_args(argv)
     except SystemExit as exc:  # argparse: 0 for --help, 2 for usage errors
         return exc.code if isinstance(exc.code, int) else 2
+    options.argv = list(sys.argv[1:] if argv is None else argv)  # what a handover runs again
     log = Log(options.log_level, options.log_format)
     try:
         return run(options, log)
@@ -2720,6 +3185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except StartupStopped:
+        return 0
     except Exception as exc:  # no traceback for an operator; the type and message say enough
         sys.stderr.write("etcd-gateway: fatal: %s: %s\n" % (type(exc).__name__, exc))
         return 1

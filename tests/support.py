@@ -157,7 +157,8 @@ class LineReader:
 class Gateway:
     """A gateway process started with `args`; `.port` is its listen port."""
 
-    def __init__(self, args, launcher="module", env=None, wait_ready=True, preexec=None, cwd=None):
+    def __init__(self, args, launcher="module", env=None, wait_ready=True, preexec=None, cwd=None,
+                 pass_fds=()):
         self.args = list(args)
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
@@ -165,7 +166,7 @@ class Gateway:
         self.proc = subprocess.Popen(
             (preexec or []) + launcher_argv(launcher) + self.args,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env=full_env, cwd=cwd or str(ROOT),
+            env=full_env, cwd=cwd or str(ROOT), pass_fds=pass_fds,
         )
         self.log = LineReader(self.proc.stderr)
         self.ready_line = None

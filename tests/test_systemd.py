@@ -6,14 +6,17 @@ that the SIGTERM was seen and shutdown is under way. Here the test plays systemd
 """
 import os
 import shlex
+import shutil
 import signal
 import socket
+import subprocess
 
 import pytest
 
 from support import ROOT, Gateway, free_port, gateway_cli
 
 UNIT = ROOT / "contrib" / "etcd-gateway.service"
+SOCKET_UNIT = ROOT / "contrib" / "etcd-gateway.socket"
 
 
 def notify_socket(tmp_path, abstract):
@@ -71,10 +74,10 @@ def test_without_notify_socket_nothing_breaks(echo):
 # ---------------------------------------------------------------------------------------------
 # The unit file
 
-def unit_settings():
+def unit_settings(path=UNIT):
     """[section] -> {key: [values]} with backslash continuations joined, as systemd reads it."""
     sections, section, pending = {}, None, ""
-    for raw in UNIT.read_text().splitlines():
+    for raw in path.read_text().splitlines():
         line = pending + raw.strip()
         if line.endswith("\\"):
             pending = line[:-1] + " "
@@ -109,3 +112,32 @@ def test_unit_execstart_runs_the_pyz_with_valid_flags():
     usage = gateway_cli(["start", "--help"]).stdout
     for arg in argv[3:]:
         assert arg.split("=", 1)[0] in usage, arg
+
+
+def test_unit_reload_is_the_live_handover():
+    service = unit_settings()["Service"]
+    assert service["ExecReload"] == ["/bin/kill -USR2 $MAINPID"]
+    # The old process sends MAINPID= while it is the main process; the new one stays silent
+    # until it is: no need to let every process of the unit speak.
+    assert service["NotifyAccess"] == ["main"]
+
+
+def test_socket_unit_passes_the_proxy_port_of_the_service():
+    socket_unit = unit_settings(SOCKET_UNIT)
+    execstart = shlex.split(unit_settings()["Service"]["ExecStart"][0])
+    assert "--listen-addr=" + socket_unit["Socket"]["ListenStream"][0] in execstart
+    assert socket_unit["Socket"]["FileDescriptorName"] == ["proxy"]
+    assert socket_unit["Install"]["WantedBy"] == ["sockets.target"]
+
+
+@pytest.mark.parametrize("units", [[UNIT], [SOCKET_UNIT, UNIT]], ids=["service", "service+socket"])
+def test_units_pass_systemd_analyze_verify(tmp_path, units):
+    """systemd's own check, for the service alone and with the socket unit (systemd need not be
+    running: CI installs the systemd package for systemd-analyze)."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze missing: apt-get install systemd"
+    for unit in units:
+        shutil.copy(unit, tmp_path / unit.name)
+    result = subprocess.run([analyze, "verify"] + [str(tmp_path / unit.name) for unit in units],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stdout + result.stderr, result.stdout + result.stderr

@@ -29,6 +29,10 @@ TEST_TOOLS = {
     "unshare": "util-linux",      # a private mount namespace for that root
     "prlimit": "util-linux",      # descriptor limits in the relay tests
     "umount": "mount",
+    # unit-file checks and a socket-activation harness (tests/test_systemd.py, test_restart.py);
+    # installed, never started
+    "systemd-analyze": "systemd",
+    "systemd-socket-activate": "systemd",
 }
 # Debian's pip checks PyPI's certificate against the system's CAs (it does not carry its own).
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
