@@ -249,3 +249,18 @@ def test_an_unhealthy_members_clients_are_evicted_and_status_says_so(loop):
     status.send(b"GET /health HTTP/1.1\r\n\r\n")
     loop.run_until(lambda: status.ended)
     assert status.received.startswith(b"HTTP/1.1 503 ")
+
+
+def test_shutdown_relays_the_clients_already_waiting_in_the_backlog(loop):
+    """Closing the only descriptor of a listening socket resets the clients queued in its
+    backlog: begin_shutdown accepts and relays them first."""
+    upstream = loop.server(inprocess.echo)
+    gw = start_gateway(loop, [upstream.endpoint], "--shutdown-timeout=10s")
+    queued = [client_of(loop, gw) for _ in range(5)]  # connected; the loop has not accepted them
+    for index, client in enumerate(queued):
+        client.send(b"queued %d" % index)
+    gw.begin_shutdown(signal.SIGTERM)
+    assert gw.connections.listener is None  # no longer accepting
+    for index, client in enumerate(queued):
+        loop.run_until(lambda c=client, i=index: c.received == b"queued %d" % i, what="the echo")
+        assert client.error is None

@@ -570,21 +570,3 @@ def test_signal_without_connections_exits_promptly(gateways, echo, signum):
     assert elapsed < 8.0, f"exit {elapsed:.2f}s after the signal with no connections (timeout was 10s)"
     assert "Traceback" not in gateway.log.text()
 
-
-def test_sigterm_serves_the_clients_already_waiting_in_the_backlog(gateways, echo):
-    """Closing the only descriptor of a listening socket resets the clients queued in its
-    backlog: on SIGTERM the gateway accepts and relays them first."""
-    gateway = gateways([echo.endpoint], "--shutdown-timeout=10s")
-    assert ping(gateway.address, b"warm") == b"warm"
-    os.kill(gateway.pid, signal.SIGSTOP)  # the subject: clients queue while the gateway sleeps
-    try:
-        queued = [socket.create_connection(gateway.address, timeout=IO_TIMEOUT) for _ in range(5)]
-        for index, sock in enumerate(queued):
-            sock.sendall(b"queued %d" % index)
-        os.kill(gateway.pid, signal.SIGTERM)
-    finally:
-        os.kill(gateway.pid, signal.SIGCONT)
-    for index, sock in enumerate(queued):
-        with sock:
-            assert recv_exactly(sock, 8) == b"queued %d" % index
-    assert gateway.proc.wait(timeout=20) == 0
