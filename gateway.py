@@ -327,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "0 turns it off (default 50us)")
     ext.add_argument("--log-level", choices=tuple(LEVELS), default="info")
     ext.add_argument("--log-format", choices=("text", "json"), default="text")
+    ext.add_argument("--cert", default="", metavar="PATH",
+                     help="client certificate (PEM) that the gateway presents in its own requests "
+                          "to members (etcd health checks, TLS validation); with --key. Clients' "
+                          "connections are passed through as they are")
+    ext.add_argument("--key", default="", metavar="PATH", help="the private key of --cert (PEM)")
     return parser
 
 
@@ -345,6 +350,8 @@ def parse_args(argv: Optional[Sequence[str]]):
             for endpoint in group:
                 unique.setdefault(endpoint.key, endpoint)
         options.endpoints = list(unique.values())
+    if bool(options.cert) != bool(options.key):
+        parser.error("--cert and --key go together")
     return options
 
 
@@ -1224,7 +1231,9 @@ class Probe:
     what follows it by `timeout`. `start()` begins it; `on_done(probe, ok,
     reply, reason)` is called exactly once unless cancelled, possibly from within `start()`.
     Used for TCP probes, TLS validation and etcd /health checks. `connected` says whether the
-    TCP connect succeeded; `local_failure` whether the failure was ours (out of descriptors)."""
+    TCP connect succeeded; `local_failure` whether the failure was ours (out of descriptors);
+    `tls_refused` whether the member refused our TLS client configuration (see
+    `refused_our_certificate`)."""
 
     def __init__(self, reactor: Reactor, endpoint: ep.Endpoint, timeout: float, on_done,
                  tls_context=None, server_hostname: str = "", request: bytes = b"",
@@ -1243,6 +1252,7 @@ class Probe:
         self.mask = 0
         self.connected = False
         self.local_failure = False
+        self.tls_refused = False
         self.phase = ProbePhase.DIAL
         self.timer = None
         self.dial = None
@@ -1298,6 +1308,7 @@ class Probe:
         except (BlockingIOError, InterruptedError):
             pass
         except (OSError, ValueError) as exc:  # ssl.SSLError and certificate errors are OSErrors
+            self.tls_refused = refused_our_certificate(exc)
             self._finish(False, tls_reason(exc))
             return
         if self.phase is ProbePhase.DONE:
@@ -1353,14 +1364,52 @@ def tls_reason(exc: BaseException) -> str:
     return error_reason(exc)
 
 
-def make_tls_context(ca_file: str):
-    """A client context that verifies the chain against `ca_file` (the system CAs when empty)."""
+# Alerts a member sends about the certificate the gateway presented, or failed to present (RFC
+# 8446 section 6.2; Go's servers send "bad certificate" when a client certificate is required and
+# none came). They come after our own check of the member's certificate has passed: the fault is
+# the gateway's --cert/--key (or which CA the member trusts), never a sign that the member is down.
+CLIENT_CERTIFICATE_ALERTS = frozenset((
+    "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_HANDSHAKE_FAILURE",
+    "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+    "TLSV1_ALERT_ACCESS_DENIED"))
+TLS_CONFIG_REPORT_INTERVAL = 3600.0  # a configuration problem is said once (then hourly)
+
+
+def refused_our_certificate(exc: BaseException) -> bool:
+    """True when `exc` is a member's TLS alert about the gateway's own client certificate."""
+    return (ssl is not None and isinstance(exc, ssl.SSLError)
+            and not isinstance(exc, ssl.SSLCertVerificationError)
+            and exc.reason in CLIENT_CERTIFICATE_ALERTS)
+
+
+def report_tls_refusal(log: Log, endpoint: ep.Endpoint, reason: str, has_cert: bool) -> None:
+    """Say once, for every kind of request the gateway makes, that a member refused its TLS
+    client configuration. Nothing else follows from it: the member is not marked down or
+    unhealthy, and clients' connections (TLS passed through) are not touched."""
+    log.limited("error", "tls-client-config", TLS_CONFIG_REPORT_INTERVAL,
+                "a member refused the gateway's own TLS client configuration: a configuration "
+                "problem, not the member's", endpoint=str(endpoint), reason=reason,
+                hint="check --cert/--key" if has_cert else "give --cert and --key")
+
+
+def make_tls_context(ca_file: str, cert_file: str = "", key_file: str = ""):
+    """A client context that verifies the chain against `ca_file` (the system CAs when empty) and
+    presents `cert_file`/`key_file` when given."""
     if ssl is None:
         raise ConfigError("this Python has no ssl module: TLS endpoints cannot be verified")
     try:
-        return ssl.create_default_context(cafile=ca_file or None)
+        context = ssl.create_default_context(cafile=ca_file or None)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError("cannot load --trusted-ca-file %s: %s" % (ca_file, tls_reason(exc)))
+    if cert_file:
+        try:
+            # An encrypted key gets an empty password rather than a prompt on the terminal.
+            context.load_cert_chain(cert_file, key_file, password=lambda: b"")
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("cannot load --cert %s / --key %s: %s"
+                              % (cert_file, key_file, tls_reason(exc))) from None
+    return context
 
 
 def health_request(endpoint: ep.Endpoint) -> bytes:
@@ -1998,7 +2047,8 @@ class TlsValidation:
         # All are counted before any starts: a check may finish inside start() (loopback).
         self.waiting = len(unchecked)
         for endpoint in unchecked:
-            self._check(endpoint, [endpoint.host] + ([domain] if domain != endpoint.host else []), [])
+            self._check(endpoint, [endpoint.host] + ([domain] if domain and domain != endpoint.host else []),
+                        [])
         if not unchecked:
             self._finish()
 
@@ -2010,11 +2060,14 @@ class TlsValidation:
         name = names[0]
         timeout = max(2 * source.options.dial_timeout, TLS_VALIDATION_MIN_TIMEOUT)
         Probe(source.reactor, endpoint, timeout,
-              lambda probe, ok, reply, reason: self._probed(endpoint, names, reasons, ok, reason),
+              lambda probe, ok, reply, reason: self._probed(endpoint, names, reasons, probe, ok, reason),
               tls_context=source.tls_context, server_hostname=name).start()
 
-    def _probed(self, endpoint, names, reasons, ok, reason) -> None:
-        if ok:
+    def _probed(self, endpoint, names, reasons, probe, ok, reason) -> None:
+        if probe.tls_refused:
+            # The member's certificate passed our check before it refused ours: it is validated.
+            report_tls_refusal(self.source.reactor.log, endpoint, reason, bool(self.source.options.cert))
+        if ok or probe.tls_refused:
             self._checked(endpoint, names[0], reasons)
         elif len(names) > 1:
             self._check(endpoint, names[1:], reasons + ["%s: %s" % (names[0], reason)])
@@ -2224,6 +2277,7 @@ class HealthMonitor:
         self.health_check = options.health_check
         self.health_interval = options.health_interval
         self.tls_context = tls_context
+        self.has_cert = bool(options.cert)
         self.evict = evict
         self.probe_timer = None
         self.probing = {}  # endpoint key -> the Dial probing it
@@ -2321,6 +2375,9 @@ class HealthMonitor:
             self.endpoint_failed(endpoint, reason)  # unreachable, not merely unhealthy
         elif probe.connected and self.pool.mark_up(endpoint):
             self.log.info("endpoint up", endpoint=str(endpoint), reason="health check connected")
+        if probe.tls_refused:  # our --cert/--key, not the member: like a local fault
+            report_tls_refusal(self.log, endpoint, reason, self.has_cert)
+            return
         if ok:
             ok, reason = parse_health_reply(reply)
         change = self.pool.record_check(endpoint, ok, reason)
@@ -2561,9 +2618,10 @@ def first_discovery(reactor: Reactor, source: EndpointSource, options, log: Log)
 
 def discovery_tls_context(options):
     """The context that verifies members: for secure discovery, and for etcd health checks of
-    TLS members (`https://` endpoints or `_etcd-client-ssl` records)."""
-    if options.discovery_srv and not options.insecure_discovery:
-        return make_tls_context(options.trusted_ca_file)
+    TLS members (`https://` endpoints or `_etcd-client-ssl` records). It presents --cert/--key,
+    which are loaded whenever given, so that a bad file stops the start-up."""
+    if options.cert or (options.discovery_srv and not options.insecure_discovery):
+        return make_tls_context(options.trusted_ca_file, options.cert, options.key)
     if options.discovery_srv or any(endpoint.secure for endpoint in options.endpoints):
         return make_tls_context(options.trusted_ca_file) if ssl is not None else None
     return None
