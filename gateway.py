@@ -2088,6 +2088,229 @@ class TlsValidation:
         self.on_done(self.accepted, self.rejected)
 
 
+# ================================================================================ member sync ==
+
+class JsonError(ValueError):
+    """Malformed JSON; `offset` is where in the text it was found."""
+
+    def __init__(self, reason: str, offset: int):
+        super().__init__("%s at offset %d" % (reason, offset))
+        self.offset = offset
+
+
+JSON_MAX_DEPTH = 32  # a member list nests 4 deep; deeper input is refused, not recursed into
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+_JSON_PLAIN = re.compile(r'[^"\\\x00-\x1f]*')  # the run of a string that needs no decoding
+_JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
+                 "t": "\t"}
+_JSON_HEX4 = re.compile(r"[0-9a-fA-F]{4}")
+_JSON_LITERALS = (("true", True), ("false", False), ("null", None))
+
+
+def parse_json(text: str):
+    """Parse one JSON text (RFC 8259) strictly: what `json.loads` returns for it, or JsonError
+    where it raises, with NaN/Infinity refused (not JSON) and nesting past JSON_MAX_DEPTH refused.
+
+    Written here because python3-minimal has no `json` module; used everywhere, so the parser
+    that runs on a minimal Python is the one every test runs (and compares with `json`)."""
+    value, end = _parse_json_value(text, _JSON_SPACE.match(text, 0).end(), 0)
+    end = _JSON_SPACE.match(text, end).end()
+    if end != len(text):
+        raise JsonError("extra data after the value", end)
+    return value
+
+
+def _parse_json_value(text: str, pos: int, depth: int):
+    """(value, the offset after it) for the value at `pos` (whitespace already skipped)."""
+    char = text[pos:pos + 1]
+    if char == '"':
+        return _parse_json_string(text, pos + 1)
+    if char in ("{", "["):
+        if depth >= JSON_MAX_DEPTH:
+            raise JsonError("nested deeper than %d" % JSON_MAX_DEPTH, pos)
+        return (_parse_json_object if char == "{" else _parse_json_array)(text, pos + 1, depth + 1)
+    match = _JSON_NUMBER.match(text, pos)
+    if match:
+        number = match.group()
+        try:
+            return (float(number) if match.group(1) or match.group(2) else int(number)), match.end()
+        except ValueError:  # more digits than int() converts (sys.set_int_max_str_digits)
+            raise JsonError("number too long", pos) from None
+    for word, value in _JSON_LITERALS:
+        if text.startswith(word, pos):
+            return value, pos + len(word)
+    raise JsonError("expected a value" if char else "unexpected end", pos)
+
+
+def _parse_json_string(text: str, pos: int):
+    """(string, offset after its closing quote); `pos` is just after the opening quote."""
+    parts = []
+    while True:
+        end = _JSON_PLAIN.match(text, pos).end()
+        parts.append(text[pos:end])
+        char = text[end:end + 1]
+        if char == '"':
+            return "".join(parts), end + 1
+        if char != "\\":
+            raise JsonError("unterminated string" if not char else "control character in string", end)
+        escape = text[end + 1:end + 2]
+        if escape in _JSON_ESCAPES:
+            parts.append(_JSON_ESCAPES[escape])
+            pos = end + 2
+        elif escape == "u":
+            code, pos = _parse_json_hex4(text, end + 2)
+            # A high surrogate followed by an escaped low one is one character (RFC 8259 section
+            # 7); a lone surrogate is kept as it is, as `json` keeps it.
+            if 0xD800 <= code <= 0xDBFF and text.startswith("\\u", pos):
+                low, after = _parse_json_hex4(text, pos + 2)
+                if 0xDC00 <= low <= 0xDFFF:
+                    code, pos = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00), after
+            parts.append(chr(code))
+        else:
+            raise JsonError("invalid escape", end)
+
+
+def _parse_json_hex4(text: str, pos: int):
+    if not _JSON_HEX4.match(text, pos):
+        raise JsonError("invalid \\u escape", pos)
+    return int(text[pos:pos + 4], 16), pos + 4
+
+
+def _parse_json_array(text: str, pos: int, depth: int):
+    items = []
+    pos = _JSON_SPACE.match(text, pos).end()
+    if text.startswith("]", pos):
+        return items, pos + 1
+    while True:
+        value, pos = _parse_json_value(text, pos, depth)
+        items.append(value)
+        pos = _JSON_SPACE.match(text, pos).end()
+        char = text[pos:pos + 1]
+        if char == "]":
+            return items, pos + 1
+        if char != ",":
+            raise JsonError("expected , or ]", pos)
+        pos = _JSON_SPACE.match(text, pos + 1).end()
+
+
+def _parse_json_object(text: str, pos: int, depth: int):
+    members = {}
+    pos = _JSON_SPACE.match(text, pos).end()
+    if text.startswith("}", pos):
+        return members, pos + 1
+    while True:
+        if not text.startswith('"', pos):
+            raise JsonError("expected a member name", pos)
+        key, pos = _parse_json_string(text, pos + 1)
+        pos = _JSON_SPACE.match(text, pos).end()
+        if not text.startswith(":", pos):
+            raise JsonError("expected :", pos)
+        pos = _JSON_SPACE.match(text, pos + 1).end()
+        members[key], pos = _parse_json_value(text, pos, depth)  # a repeated name: the last wins, as in json
+        pos = _JSON_SPACE.match(text, pos).end()
+        char = text[pos:pos + 1]
+        if char == "}":
+            return members, pos + 1
+        if char != ",":
+            raise JsonError("expected , or }", pos)
+        pos = _JSON_SPACE.match(text, pos + 1).end()
+
+
+def member_list_request(endpoint: ep.Endpoint) -> bytes:
+    """etcd's MemberList over its HTTP/JSON gateway (grpc-gateway, on every client port since
+    etcd 3.3). HTTP/1.0, so that the reply is never chunked and ends at EOF. The body `{}` asks
+    for the member's own view (serializable): cheap for the leader whatever the size of the fleet;
+    a stale view only lags a change by a round."""
+    return ("POST /v3/cluster/member/list HTTP/1.0\r\nHost: %s\r\nUser-Agent: etcd-gateway/%s\r\n"
+            "Content-Type: application/json\r\nAccept: application/json\r\nContent-Length: 2\r\n"
+            "Connection: close\r\n\r\n{}" % (endpoint, VERSION)).encode()
+
+
+def http_reply_body(reply: bytes):
+    """(status code, body) of a whole HTTP/1.x reply read to EOF; ValueError when malformed,
+    chunked or cut short."""
+    head, separator, body = reply.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = lines[0].split(None, 2)
+    if not separator or len(status) < 2 or not status[0].startswith(b"HTTP/1.") \
+            or not status[1].isdigit():
+        raise ValueError("not an HTTP reply")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get(b"transfer-encoding", b"identity").lower() != b"identity":
+        raise ValueError("unexpected Transfer-Encoding in a reply to HTTP/1.0")
+    length = headers.get(b"content-length")
+    if length is not None:
+        if not length.isdigit() or int(length) > len(body):
+            raise ValueError("reply cut short")
+        body = body[:int(length)]
+    return int(status[1]), body
+
+
+def parse_member_list_reply(reply: bytes, prefer_secure: bool):
+    """(endpoints, problems) from etcd's reply to `member_list_request`: one endpoint per member,
+    in the reply's order (see `member_endpoints`). ValueError with a reason when the reply is
+    not a member list."""
+    status, body = http_reply_body(reply)
+    try:
+        document = parse_json(body.decode("utf-8"))
+    except (UnicodeError, JsonError) as exc:
+        raise ValueError("HTTP %d, not a JSON member list: %s" % (status, exc)) from None
+    if status != 200 or not isinstance(document, dict):
+        detail = document.get("message") or document.get("error") if isinstance(document, dict) else ""
+        raise ValueError("HTTP %d%s" % (status, ": %s" % detail if detail else ""))
+    members = document.get("members", [])
+    if not isinstance(members, list):
+        raise ValueError("\"members\" is not a list")
+    return member_endpoints(members, prefer_secure)
+
+
+def member_endpoints(members, prefer_secure: bool):
+    """(endpoints, problems) for the members of a MemberListResponse in grpc-gateway's JSON
+    (ID as a string, `clientURLs` an array, fields at their defaults left out).
+
+    clientv3's Sync is the model: learners (`isLearner`) and members without a name or client
+    URLs (added, not started yet) are skipped without a word. Unlike Sync, which dials every URL,
+    a member gives one endpoint, so that a member advertising two URLs does not count twice: the
+    first `http`/`https` URL that parses, preferring the scheme of `prefer_secure` (that of the
+    member that answered). `unix://` and `unixs://` URLs are skipped (a TCP proxy cannot use
+    them). A member with no usable URL, or whose URL another member already gave, is a problem."""
+    endpoints, problems, seen = [], [], set()
+    for member in members:
+        if not isinstance(member, dict):
+            problems.append("a member entry is not an object")
+            continue
+        name, urls = member.get("name"), member.get("clientURLs")
+        if member.get("isLearner") is True or not name or not urls:
+            continue
+        if not isinstance(name, str) or not isinstance(urls, list):
+            problems.append("member entry %r is malformed" % (name,))
+            continue
+        parsed = [endpoint for endpoint in map(_client_url_endpoint, urls) if endpoint is not None]
+        preferred = [endpoint for endpoint in parsed if endpoint.secure == prefer_secure]
+        if not parsed:
+            problems.append("member %s has no usable client URL in %s" % (name, urls))
+        elif (preferred or parsed)[0].key in seen:
+            problems.append("member %s repeats client URL %s" % (name, (preferred or parsed)[0]))
+        else:
+            endpoints.append((preferred or parsed)[0])
+            seen.add(endpoints[-1].key)
+    return endpoints, problems
+
+
+def _client_url_endpoint(url) -> Optional[ep.Endpoint]:
+    """The endpoint of an `http://` or `https://` client URL; None for anything else."""
+    if not isinstance(url, str) or url.partition("://")[0] not in ("http", "https"):
+        return None
+    try:
+        return ep.parse_endpoint(url)
+    except ValueError:
+        return None
+
+
 # ===================================================================================== gateway ==
 
 class Listener(BatchAcceptor):
