@@ -20,6 +20,9 @@ Architecture (one thread, standard library only):
   is passed on as a reset.
 * ``DnsDriver`` runs dnssrv's sans-I/O lookups on non-blocking sockets; ``EndpointSource`` turns
   SRV discovery or --endpoints host names into endpoints, with ``TlsValidation`` for secure records.
+* ``MemberSync`` (--auto-sync-interval) asks one member for the cluster's member list over
+  etcd's HTTP/JSON gateway (``parse_json``: python3-minimal has no json module) and makes the
+  members' client URLs the endpoint set, the seeds kept behind them as the fallback.
 * ``StatusListener`` and ``StatusConnection`` serve /metrics, /health and /endpoints from the
   same loop.
 * ``Gateway`` is the policy glue: the listener, the endpoint ``Pool`` (endpoints.py), probes of
@@ -269,6 +272,19 @@ def _bool_arg(text: str) -> bool:
     raise argparse.ArgumentTypeError("invalid boolean %r" % text)
 
 
+MIN_AUTO_SYNC_SECONDS = 1.0
+
+
+def _auto_sync_interval_arg(text: str) -> float:
+    """0 is off; anything else at least 1s: every round is a request to a member from every host
+    of the fleet."""
+    seconds = _duration_arg(text)
+    if 0 < seconds < MIN_AUTO_SYNC_SECONDS:
+        raise argparse.ArgumentTypeError("%r is too short (0 = off, else at least %s)"
+                                         % (text, format_duration(MIN_AUTO_SYNC_SECONDS)))
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="etcd-gateway", allow_abbrev=False,
@@ -329,9 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--log-format", choices=("text", "json"), default="text")
     ext.add_argument("--cert", default="", metavar="PATH",
                      help="client certificate (PEM) that the gateway presents in its own requests "
-                          "to members (etcd health checks, TLS validation); with --key. Clients' "
-                          "connections are passed through as they are")
+                          "to members (etcd health checks, TLS validation, member sync); with "
+                          "--key. Clients' connections are passed through as they are")
     ext.add_argument("--key", default="", metavar="PATH", help="the private key of --cert (PEM)")
+    ext.add_argument("--auto-sync-interval", type=_auto_sync_interval_arg, default=0.0,
+                     metavar="DURATION",
+                     help="ask a member for the cluster's member list about this often (jittered) "
+                          "and proxy to the members' client URLs, the --endpoints or discovery "
+                          "set kept as the fallback; at least 1s; 0 = off (default 0)")
     return parser
 
 
@@ -1625,12 +1646,13 @@ class Stats:
     """Counters of events that the status pages report; the gateway's parts add to them."""
 
     __slots__ = ("connections_total", "client_to_upstream", "upstream_to_client", "refresh_ok",
-                 "refresh_error")
+                 "refresh_error", "sync_ok", "sync_error")
 
     def __init__(self):
         self.connections_total = 0
         self.client_to_upstream = self.upstream_to_client = 0  # bytes of closed connections
         self.refresh_ok = self.refresh_error = 0
+        self.sync_ok = self.sync_error = 0  # member sync rounds
 
 
 class StatusPages:
@@ -1638,12 +1660,13 @@ class StatusPages:
     reads the endpoint pool, the counters and the live connections; it changes nothing."""
 
     def __init__(self, reactor: Reactor, log: Log, pool: ep.Pool, stats: Stats,
-                 connections: "Connections"):
+                 connections: "Connections", source_of: Optional[Callable[[ep.Endpoint], str]] = None):
         self.reactor = reactor
         self.log = log
         self.pool = pool
         self.stats = stats
         self.connections = connections
+        self.source_of = source_of or (lambda endpoint: "seed")  # "seed" or "synced" (member sync)
         self.start_wall = time.time()
         self.listener = None
         self.draining = False  # shutting down: /health says so, so that a balancer moves on
@@ -1687,7 +1710,7 @@ class StatusPages:
                       ("up", health.up), ("healthy", health.healthy), ("priority", endpoint.priority),
                       ("weight", endpoint.weight), ("secure", endpoint.secure),
                       ("active_connections", health.active), ("dial_failures", health.dial_failures),
-                      ("last_error", health.last_error)]
+                      ("last_error", health.last_error), ("source", self.source_of(endpoint))]
             rows.append("{" + ",".join("%s:%s" % (_json_string(k), _json_value(v)) for k, v in fields) + "}")
         return ("[" + ",".join(rows) + "]\n").encode()
 
@@ -1713,6 +1736,9 @@ class StatusPages:
         out.family("etcd_gateway_discovery_refreshes_total", "counter",
                    "DNS discovery refreshes, by result.",
                    [((("result", "ok"),), stats.refresh_ok), ((("result", "error"),), stats.refresh_error)])
+        out.family("etcd_gateway_member_syncs_total", "counter",
+                   "Member list syncs (--auto-sync-interval), by result.",
+                   [((("result", "ok"),), stats.sync_ok), ((("result", "error"),), stats.sync_error)])
         for name, help_text, value in read_process_gauges(self.start_wall):
             out.family(name, "counter" if name.endswith("_total") else "gauge", help_text, [((), value)])
         return out.render()
@@ -1951,14 +1977,14 @@ class EndpointSource:
         self.pending.append(DnsDriver(self.reactor, machine, lambda m: _guarded(
             on_done, self._srv_done, m, names, on_done)))
 
-    def resolve_static(self, on_done) -> None:
-        """Resolve the --endpoints host names (IP literals stay as they are)."""
+    def resolve_static(self, on_done, endpoints: Optional[Sequence[ep.Endpoint]] = None) -> None:
+        """Resolve the --endpoints host names, or those of `endpoints` (IP literals stay as they are)."""
         config = self._dns_config_or_report(on_done)
         if config is None:
             return
         conf, hosts = config
         now, rng = self.reactor.clock(), random.SystemRandom()
-        endpoints = list(self.options.endpoints)
+        endpoints = list(self.options.endpoints if endpoints is None else endpoints)
         results = {}
 
         def resolved(index, machine):
@@ -2311,6 +2337,219 @@ def _client_url_endpoint(url) -> Optional[ep.Endpoint]:
         return None
 
 
+SEED_FALLBACK_PRIORITY = 65536  # past every SRV priority (0-65535)
+MEMBER_SYNC_REPORT_INTERVAL = 60.0
+
+
+def with_fallback_seeds(synced: Sequence[ep.Endpoint],
+                        seeds: Sequence[ep.Endpoint]) -> List[ep.Endpoint]:
+    """The endpoint set while members are synced: the synced endpoints, then the seeds that are
+    not among them, each moved behind every synced one (its priority past the SRV range), so that
+    a seed takes clients only while no synced endpoint is up, and the data path falls back to
+    the seeds at once, without waiting for a sync round."""
+    synced_keys = {endpoint.key for endpoint in synced}
+    return list(synced) + [seed._replace(priority=SEED_FALLBACK_PRIORITY + seed.priority)
+                           for seed in seeds if seed.key not in synced_keys]
+
+
+def ranking_change(old: ep.Endpoint, new: ep.Endpoint) -> str:
+    """How the priority and weight of an endpoint changed ("" when they did not): a seed moved
+    behind the synced members, or a changed SRV record, changes who gets the clients."""
+    changes = ["%s %d->%d" % (name, getattr(old, name), getattr(new, name))
+               for name in ("priority", "weight") if getattr(old, name) != getattr(new, name)]
+    return "%s %s" % (new, ", ".join(changes)) if changes else ""
+
+
+def pick_member(healths: Sequence[ep.Health], rng: random.Random) -> Optional[ep.Endpoint]:
+    """The endpoint to ask for the member list: at random in the lowest priority class of those
+    up and healthy (of those up when none is, else of all), so that synced members are asked
+    before seeds, and a fleet of gateways spreads its questions over the members."""
+    for usable in (lambda h: h.up and h.healthy, lambda h: h.up, lambda h: True):
+        best = ep.lowest_priority_class(health.endpoint for health in healths if usable(health))
+        if best:
+            return rng.choice(best)
+    return None
+
+
+class MemberSync:
+    """--auto-sync-interval, after clientv3's AutoSyncInterval: every interval (jittered), ask ONE
+    member for the cluster's member list and make the members' client URLs the endpoint set;
+    the seeds (--endpoints, or what discovery found) stay behind them as the fallback.
+
+    A round: POST /v3/cluster/member/list to a member (`pick_member`; a Probe, TLS verified
+    against --trusted-ca-file for `https` members), the reply parsed (`parse_member_list_reply`),
+    host names resolved, then the TLS rules of discovery: `https` members are validated with a
+    handshake as discovered ones are (unless --insecure-discovery), and plain ones are refused
+    when discovery is secure. `install(endpoints)` gets the result. A round that fails or finds
+    no usable member keeps the last good set: the set never becomes empty.
+
+    `set_seeds` takes a new seed set from discovery (the synced set stays). `sync_now` runs a
+    round at once (SIGHUP). Connections to a member that left the set are left to finish, as
+    after a discovery refresh."""
+
+    def __init__(self, reactor: Reactor, log: Log, pool: ep.Pool, stats: "Stats", options,
+                 source: EndpointSource, install: Callable[[List[ep.Endpoint]], None]):
+        self.reactor = reactor
+        self.log = log
+        self.pool = pool
+        self.stats = stats
+        self.options = options
+        self.interval = options.auto_sync_interval
+        self.source = source  # its own EndpointSource: resolves and validates synced members
+        self.install = install
+        self.rng = random.Random()
+        self.seeds = pool.endpoints
+        self.synced = []  # the last good synced set; empty until the first good round
+        self.timer = None
+        self.probe = None
+        self.busy = False
+        self.stopped = False
+
+    def source_of(self, endpoint: ep.Endpoint) -> str:
+        """"synced" or "seed": where an endpoint of the set comes from (for /endpoints)."""
+        return "synced" if any(endpoint.key == synced.key for synced in self.synced) else "seed"
+
+    def start(self) -> None:
+        self._arm()
+
+    def _arm(self) -> None:
+        self.reactor.cancel(self.timer)
+        self.timer = None
+        if not self.stopped:
+            # Jittered every round, not only a random phase once: a fleet started (or sent
+            # SIGHUP) in step drifts apart again, and no two rounds are more than an interval apart.
+            delay = self.interval * self.rng.uniform(0.5, 1.0)
+            self.timer = self.reactor.call_later(delay, self.sync_now)
+
+    def set_seeds(self, seeds: Sequence[ep.Endpoint]) -> List[ep.Endpoint]:
+        """Discovery found a new seed set: it replaces the fallback, not the synced set. Returns
+        the endpoint set to install now."""
+        self.seeds = list(seeds)
+        return with_fallback_seeds(self.synced, self.seeds) if self.synced else list(self.seeds)
+
+    def sync_now(self, signum: int = 0) -> None:
+        if self.busy or self.stopped:
+            return
+        if signum:
+            self.log.info("syncing members", signal=signal.Signals(signum).name)
+        self.busy = True
+        self.reactor.cancel(self.timer)  # the round arms the next one when it ends
+        self._guard(self._ask)
+
+    def _guard(self, step, *args) -> None:
+        """Run one step of a round; a bug in it ends the round as a failure rather than leaving
+        `busy` set, which would stop every later round."""
+        if self.stopped or not self.busy:
+            return  # stopped meanwhile: a late answer is dropped
+        try:
+            step(*args)
+        except Exception as exc:
+            self._finish(None, [], "internal error in %s: %r" % (step.__name__, exc))
+
+    def _ask(self) -> None:
+        member = pick_member(self.pool.healths(), self.rng)
+        if member is None:
+            self._finish(None, [], "no member to ask")
+            return
+        if member.secure and self.source.tls_context is None:
+            self._finish(None, [], "%s: this Python has no ssl module" % (member,))
+            return
+        timeout = max(self.options.dial_timeout, min(self.interval, 5.0))
+        self.probe = Probe(self.reactor, member, timeout,
+                           lambda *outcome: self._guard(self._answered, *outcome),
+                           tls_context=self.source.tls_context if member.secure else None,
+                           server_hostname=member.tls_name, request=member_list_request(member),
+                           connect_timeout=self.options.connect_timeout)
+        self.probe.start()
+
+    def _answered(self, probe: Probe, ok: bool, reply: bytes, reason: str) -> None:
+        self.probe = None
+        member = probe.endpoint
+        if probe.tls_refused:  # said once as our configuration problem; counted, not logged again
+            report_tls_refusal(self.log, member, reason, bool(self.options.cert))
+            self._finish(None, [], "asked %s: %s" % (member, reason), quiet=True)
+            return
+        if not ok:
+            self._finish(None, [], "asked %s: %s" % (member, reason))
+            return
+        try:
+            endpoints, problems = parse_member_list_reply(reply, member.secure)
+        except ValueError as exc:
+            self._finish(None, [], "asked %s: %s" % (member, exc))
+            return
+        self._resolve(endpoints, problems)
+
+    def _resolve(self, endpoints, problems) -> None:
+        """Resolve the members' host names, each on its own: a name that does not resolve here
+        drops that member (a problem), not the round."""
+        found = {endpoint.key: endpoint for endpoint in endpoints if endpoint.address}
+        waiting = {endpoint.key for endpoint in endpoints if not endpoint.address}
+
+        def resolved(name, got, error):
+            waiting.discard(name.key)
+            if error is not None:
+                problems.append(error)
+            else:
+                found[name.key] = got[0]
+            if not waiting:
+                self._resolved([found[e.key] for e in endpoints if e.key in found], problems)
+
+        if not waiting:
+            self._resolved(endpoints, problems)
+        for name in [endpoint for endpoint in endpoints if not endpoint.address]:
+            self.source.resolve_static(
+                lambda got, error, name=name: self._guard(resolved, name, got, error), [name])
+
+    def _resolved(self, endpoints, problems) -> None:
+        plain = [endpoint for endpoint in endpoints if not endpoint.secure]
+        secure = [endpoint for endpoint in endpoints if endpoint.secure]
+        if self.options.discovery_srv and not self.options.insecure_discovery:
+            problems = problems + ["%s is insecure (allowed by --insecure-discovery)" % (endpoint,)
+                                   for endpoint in plain]
+            plain = []
+        if self.options.insecure_discovery or not secure:
+            self._validated(endpoints, plain + secure, problems)
+            return
+        TlsValidation(self.source, secure, lambda accepted, rejected: self._guard(
+            self._validated, endpoints, plain + accepted, problems + rejected)).start()
+
+    def _validated(self, listed, accepted, problems) -> None:
+        order = {endpoint.key: index for index, endpoint in enumerate(listed)}
+        accepted = sorted(accepted, key=lambda endpoint: order[endpoint.key])  # the reply's order
+        if not accepted:
+            self._finish(None, problems, "the member list names no usable member")
+        else:
+            self._finish(accepted, problems, None)
+
+    def _finish(self, endpoints, problems, error, quiet: bool = False) -> None:
+        self.busy = False
+        if problems:
+            self.log.limited("warn", "member-sync-skipped:" + "; ".join(problems),
+                             MEMBER_SYNC_REPORT_INTERVAL, "ignoring members of the member list",
+                             reasons=problems)
+        if endpoints is None:
+            self.stats.sync_error += 1
+            if not quiet:
+                self.log.limited("warn", "member-sync:" + error, MEMBER_SYNC_REPORT_INTERVAL,
+                                 "member sync failed, keeping the last good set", reason=error,
+                                 endpoints=[str(e) for e in self.pool.endpoints])
+        else:
+            self.stats.sync_ok += 1
+            self.synced = endpoints
+            self.install(with_fallback_seeds(self.synced, self.seeds))
+        self._arm()
+
+    def stop(self) -> None:
+        """No more rounds; a round under way is abandoned."""
+        self.stopped = True
+        self.reactor.cancel(self.timer)
+        self.timer = None
+        if self.probe is not None:
+            self.probe.cancel()
+            self.probe = None
+        self.source.cancel()
+
+
 # ===================================================================================== gateway ==
 
 class Listener(BatchAcceptor):
@@ -2625,8 +2864,9 @@ class HealthMonitor:
 
 
 class Gateway:
-    """The glue: the proxy port's connections, the health monitor and the status pages share one
-    endpoint pool; the gateway adds what spans them: discovery refresh, signals and shutdown."""
+    """The glue: the proxy port's connections, the health monitor, member sync and the status
+    pages share one endpoint pool; the gateway adds what spans them: discovery refresh, signals
+    and shutdown."""
 
     def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, options, tls_context=None):
         self.reactor = reactor
@@ -2637,7 +2877,12 @@ class Gateway:
         self.health = HealthMonitor(reactor, pool, log, options, tls_context, self._evict)
         self.connections = Connections(reactor, pool, log, self.stats, options,
                                        DataPath(splice_enabled()), self.health)
-        self.status = StatusPages(reactor, log, pool, self.stats, self.connections)
+        self.sync = None
+        if options.auto_sync_interval:
+            self.sync = MemberSync(reactor, log, pool, self.stats, options,
+                                   EndpointSource(reactor, options, tls_context), self._install_synced)
+        self.status = StatusPages(reactor, log, pool, self.stats, self.connections,
+                                  self.sync.source_of if self.sync is not None else None)
         self.shutting_down = False
         self.source = None
         self.refreshing = False
@@ -2661,8 +2906,10 @@ class Gateway:
             self.refresh_timer = self.reactor.call_later(self.refresh_interval, self.refresh_now)
 
     def refresh_now(self, signum: int = 0) -> None:
+        if signum and self.sync is not None:
+            self.sync.sync_now(signum)  # SIGHUP syncs the members too
         if self.source is None:
-            if signum:
+            if signum and self.sync is None:
                 self.log.info("nothing to refresh: the endpoints are IP addresses",
                               signal=signal.Signals(signum).name)
             return
@@ -2689,6 +2936,8 @@ class Gateway:
                              endpoints=[str(e) for e in self.pool.endpoints])
         else:
             self.stats.refresh_ok += 1
+            if self.sync is not None:  # the seeds change; the synced set stays
+                endpoints = self.sync.set_seeds(endpoints)
             self.apply_endpoints(endpoints)
         self._arm_refresh()
 
@@ -2705,17 +2954,29 @@ class Gateway:
                 self.log.warn("ignoring discovered endpoint", reason=str(exc))
         return kept
 
-    def apply_endpoints(self, endpoints: Sequence[ep.Endpoint]) -> None:
+    def apply_endpoints(self, endpoints: Sequence[ep.Endpoint], cause: str = "") -> None:
         """Install a new set: staying endpoints keep their health; removed ones get no new
-        connections, and their open connections are left alone."""
+        connections, and their open connections are left alone. `cause` is logged when given."""
         before = {endpoint.key: endpoint for endpoint in self.pool.endpoints}
         added, removed = self.pool.replace(endpoints)
         moved = ["%s %s->%s" % (e, before[e.key].address, e.address) for e in endpoints
                  if e.key in before and before[e.key].address != e.address]
-        if added or removed or moved:
+        ranked = [ranking_change(before[e.key], e) for e in endpoints
+                  if e.key in before and ranking_change(before[e.key], e)]
+        if added or removed or moved or ranked:
             self.log.info("endpoints changed", endpoints=[str(e) for e in endpoints],
                           added=[str(e) for e in added], removed=[str(e) for e in removed],
-                          readdressed=moved)
+                          readdressed=moved, **({"reranked": ranked} if ranked else {}),
+                          **({"cause": cause} if cause else {}))
+
+    # -- member sync (--auto-sync-interval) --------------------------------------------------------
+
+    def start_sync(self) -> None:
+        if self.sync is not None:
+            self.sync.start()
+
+    def _install_synced(self, endpoints: Sequence[ep.Endpoint]) -> None:
+        self.apply_endpoints(self._without_self(endpoints), cause="member sync")
 
     # -- shutdown ----------------------------------------------------------------------------------
 
@@ -2729,6 +2990,8 @@ class Gateway:
         sd_notify("STOPPING=1")
         self.status.draining = True
         self.health.stop_checks()
+        if self.sync is not None:
+            self.sync.stop()
         self.connections.stop_accepting()
         self.connections.drain(self.shutdown_timeout, self.reactor.stop)
 
@@ -2736,6 +2999,8 @@ class Gateway:
         self.connections.close()
         self.health.close()
         self.status.close()
+        if self.sync is not None:
+            self.sync.stop()
 
 
 # =================================================================================== start-up ==
@@ -2841,11 +3106,13 @@ def first_discovery(reactor: Reactor, source: EndpointSource, options, log: Log)
 
 def discovery_tls_context(options):
     """The context that verifies members: for secure discovery, and for etcd health checks of
-    TLS members (`https://` endpoints or `_etcd-client-ssl` records). It presents --cert/--key,
+    TLS members (`https://` endpoints, `_etcd-client-ssl` records, synced members). It presents
+    --cert/--key,
     which are loaded whenever given, so that a bad file stops the start-up."""
     if options.cert or (options.discovery_srv and not options.insecure_discovery):
         return make_tls_context(options.trusted_ca_file, options.cert, options.key)
-    if options.discovery_srv or any(endpoint.secure for endpoint in options.endpoints):
+    if options.discovery_srv or options.auto_sync_interval \
+            or any(endpoint.secure for endpoint in options.endpoints):
         return make_tls_context(options.trusted_ca_file) if ssl is not None else None
     return None
 
@@ -2880,6 +3147,7 @@ def serve(reactor: Reactor, options, log: Log) -> int:
         if status_sock is not None:
             gateway.status.serve(status_sock)
         gateway.health.start()
+        gateway.start_sync()
         if source.dynamic:
             gateway.start_refreshes(source, options.discovery_refresh)
         # Always handled: `systemctl reload` must never kill a gateway with only IP endpoints.

@@ -31,7 +31,7 @@ from upstreams import EchoServer, RefusingPort, ScriptedServer
 IO_TIMEOUT = 10.0  # per blocking socket call: only "did not hang"
 STATUS_TIMEOUT = 5.0  # documented: a status request slower than this is dropped
 ENDPOINT_KEYS = {"endpoint", "address", "port", "up", "healthy", "priority", "weight", "secure",
-                 "active_connections", "dial_failures", "last_error"}
+                 "active_connections", "dial_failures", "last_error", "source"}
 TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
