@@ -2360,15 +2360,13 @@ def ranking_change(old: ep.Endpoint, new: ep.Endpoint) -> str:
     return "%s %s" % (new, ", ".join(changes)) if changes else ""
 
 
-def pick_member(healths: Sequence[ep.Health], rng: random.Random) -> Optional[ep.Endpoint]:
-    """The endpoint to ask for the member list: at random in the lowest priority class of those
-    up and healthy (of those up when none is, else of all), so that synced members are asked
-    before seeds, and a fleet of gateways spreads its questions over the members."""
-    for usable in (lambda h: h.up and h.healthy, lambda h: h.up, lambda h: True):
-        best = ep.lowest_priority_class(health.endpoint for health in healths if usable(health))
-        if best:
-            return rng.choice(best)
-    return None
+def members_to_ask(healths: Sequence[ep.Health], rng: random.Random) -> List[ep.Endpoint]:
+    """The endpoints to ask for the member list, in order: those up and healthy first, then those
+    up, then the others; within each, lower priorities first (synced members before seeds), and
+    at random within a priority, so that a fleet of gateways spreads its questions."""
+    ranked = sorted((not h.up, not h.healthy, h.endpoint.priority, rng.random(), index)
+                    for index, h in enumerate(healths))
+    return [healths[rank[-1]].endpoint for rank in ranked]
 
 
 class MemberSync:
@@ -2376,8 +2374,10 @@ class MemberSync:
     member for the cluster's member list and make the members' client URLs the endpoint set;
     the seeds (--endpoints, or what discovery found) stay behind them as the fallback.
 
-    A round: POST /v3/cluster/member/list to a member (`pick_member`; a Probe, TLS verified
-    against --trusted-ca-file for `https` members), the reply parsed (`parse_member_list_reply`),
+    A round: POST /v3/cluster/member/list to a member (`members_to_ask`; a Probe, TLS verified
+    against --trusted-ca-file for `https` members), and to the next one only if that one gives
+    no member list (as clientv3 retries MemberList on another endpoint, so that a member that
+    just died does not cost a round), the reply parsed (`parse_member_list_reply`),
     host names resolved, then the TLS rules of discovery: `https` members are validated with a
     handshake as discovered ones are (unless --insecure-discovery), and plain ones are refused
     when discovery is secure. `install(endpoints)` gets the result. A round that fails or finds
@@ -2402,6 +2402,8 @@ class MemberSync:
         self.synced = []  # the last good synced set; empty until the first good round
         self.timer = None
         self.probe = None
+        self.to_ask = []  # the members this round may still ask, in order
+        self.failures = []  # why the members asked in this round gave no member list
         self.busy = False
         self.stopped = False
 
@@ -2434,7 +2436,8 @@ class MemberSync:
             self.log.info("syncing members", signal=signal.Signals(signum).name)
         self.busy = True
         self.reactor.cancel(self.timer)  # the round arms the next one when it ends
-        self._guard(self._ask)
+        self.to_ask, self.failures = members_to_ask(self.pool.healths(), self.rng), []
+        self._guard(self._ask_next)
 
     def _guard(self, step, *args) -> None:
         """Run one step of a round; a bug in it ends the round as a failure rather than leaving
@@ -2446,13 +2449,13 @@ class MemberSync:
         except Exception as exc:
             self._finish(None, [], "internal error in %s: %r" % (step.__name__, exc))
 
-    def _ask(self) -> None:
-        member = pick_member(self.pool.healths(), self.rng)
-        if member is None:
-            self._finish(None, [], "no member to ask")
+    def _ask_next(self) -> None:
+        if not self.to_ask:
+            self._finish(None, [], "; ".join(self.failures) or "no member to ask")
             return
+        member = self.to_ask.pop(0)
         if member.secure and self.source.tls_context is None:
-            self._finish(None, [], "%s: this Python has no ssl module" % (member,))
+            self._failed_to_answer(member, "this Python has no ssl module")
             return
         timeout = max(self.options.dial_timeout, min(self.interval, 5.0))
         self.probe = Probe(self.reactor, member, timeout,
@@ -2470,14 +2473,18 @@ class MemberSync:
             self._finish(None, [], "asked %s: %s" % (member, reason), quiet=True)
             return
         if not ok:
-            self._finish(None, [], "asked %s: %s" % (member, reason))
+            self._failed_to_answer(member, reason)
             return
         try:
             endpoints, problems = parse_member_list_reply(reply, member.secure)
         except ValueError as exc:
-            self._finish(None, [], "asked %s: %s" % (member, exc))
+            self._failed_to_answer(member, str(exc))
             return
         self._resolve(endpoints, problems)
+
+    def _failed_to_answer(self, member: ep.Endpoint, reason: str) -> None:
+        self.failures.append("asked %s: %s" % (member, reason))
+        self._ask_next()
 
     def _resolve(self, endpoints, problems) -> None:
         """Resolve the members' host names, each on its own: a name that does not resolve here

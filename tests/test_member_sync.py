@@ -17,6 +17,7 @@ import pytest
 
 from etcd_cluster import EtcdCluster
 from support import wait_until
+from test_discovery_e2e import sockets_of
 from test_status import StatusGateway, endpoints_of, scrape
 
 INTERVAL = 1.0
@@ -85,6 +86,11 @@ class Writer:
             self.done += 1
             self.stopping.wait(0.05)
 
+    def goes_on(self):
+        """True once another operation has ended (the client keeps working after a change)."""
+        mark = self.done
+        return wait_until(lambda: self.done > mark, timeout=EVENT_TIMEOUT)
+
     def __enter__(self):
         self.thread.start()
         return self
@@ -112,16 +118,30 @@ def test_sighup_syncs_at_once(cluster):
         assert "nothing to refresh" not in gateway.log.text()
 
 
+def test_sync_rounds_leave_no_sockets_behind(cluster):
+    with StatusGateway([cluster.members[0].client_addr], *SYNC) as gateway:
+        assert follows(gateway, cluster, time.monotonic()) is not None, gateway.log.text()
+        assert wait_until(lambda: sync_count(gateway, "ok") >= 2, timeout=EVENT_TIMEOUT)
+        baseline = sockets_of(gateway.pid)
+        rounds = sync_count(gateway, "ok")
+        assert wait_until(lambda: sync_count(gateway, "ok") >= rounds + 4, timeout=EVENT_TIMEOUT)
+        assert wait_until(lambda: len(sockets_of(gateway.pid)) <= len(baseline), timeout=10), (
+            baseline, sockets_of(gateway.pid))
+        assert sync_count(gateway, "error") == 0
+
+
 def test_membership_changes_are_followed_within_an_interval(cluster):
     seed = cluster.members[0]
     with StatusGateway([seed.client_addr], *SYNC) as gateway, Writer(cluster, gateway) as writer:
         waited = follows(gateway, cluster, time.monotonic())
         assert waited is not None and waited < FOLLOW_WITHIN, (waited, gateway.log.text())
+        assert writer.goes_on()
 
         added = cluster.add_member()  # returns once the new member is healthy
         waited = follows(gateway, cluster, time.monotonic())
         assert waited is not None and waited < FOLLOW_WITHIN, (waited, gateway.log.text())
         assert cluster.members[added].client_addr in by_source(gateway, "synced")
+        assert writer.goes_on()
 
         # Remove the seed (leadership moved away first, so that no election adds a fault).
         if cluster.leader_index() == 0:
@@ -135,12 +155,10 @@ def test_membership_changes_are_followed_within_an_interval(cluster):
         assert rows[seed.client_addr]["priority"] > max(
             row["priority"] for row in rows.values() if row["source"] == "synced"), rows
 
-        served_before = writer.done
-        assert wait_until(lambda: writer.done >= served_before + 3, timeout=EVENT_TIMEOUT)
+        assert writer.goes_on() and writer.goes_on()
         errors = sync_count(gateway, "error")
     assert writer.failed == [], (writer.failed, gateway.log.text())
     assert len(writer.retries) <= 3, writer.retries  # one per change: first sync, add, remove
-    assert writer.done >= 10, writer.done
     log = gateway.log.text()
     changes = re.findall(r"info endpoints changed .*cause=\"member sync\"", log)
     assert len(changes) == 3, log  # the first sync, the added member, the removed one

@@ -35,6 +35,7 @@ class FakeMembers:
     def __init__(self, count):
         self.reply = http_reply('{"members":[]}')
         self.asked = []
+        self.broken = set()  # indices of members that close the connection without a word
         self.servers = [ScriptedServer(self._answer) for _ in range(count)]
         self.addrs = [server.endpoint for server in self.servers]
 
@@ -46,10 +47,16 @@ class FakeMembers:
             if not chunk:
                 return None
             request += chunk
-        self.asked.append(conn.getsockname()[1])
+        port = conn.getsockname()[1]
+        self.asked.append(port)
+        if port in {self.port(i) for i in self.broken}:
+            return request
         conn.sendall(self.reply)
         conn.shutdown(socket.SHUT_WR)
         return request
+
+    def port(self, index):
+        return int(self.addrs[index].rsplit(":", 1)[1])
 
     def list_members(self, *indices, learners=()):
         members = [member_json("m%d" % i, "http://" + self.addrs[i]) for i in indices]
@@ -84,6 +91,11 @@ class InProcess:
     def round(self):
         """One sync round, run to its end."""
         self.sync.sync_now()
+        self.wait_for_round()
+
+    def wait_for_round(self):
+        """Run the reactor until the round under way (if any: on loopback one may end inside
+        sync_now) has ended."""
         deadline = time.monotonic() + ROUND_TIMEOUT
 
         def poll():
@@ -206,25 +218,39 @@ def test_the_member_asked_is_a_usable_synced_one(members, make_gateway):
         gw.pool.record_check(ep.parse_endpoint(a[2]), False)  # up, but unhealthy
     for _ in range(6):
         gw.round()
-    ports = {int(addr.rsplit(":", 1)[1]) for addr in a}
-    asked = members.asked[asked_before:]
-    assert set(asked) <= ports and set(asked) == {int(a[3].rsplit(":", 1)[1])}, asked
+    assert set(members.asked[asked_before:]) == {members.port(3)}, members.asked
+
+
+def test_a_member_that_gives_no_list_is_followed_by_the_next_in_the_same_round(members,
+                                                                              make_gateway):
+    a = members.addrs
+    gw = make_gateway([a[0]])
+    members.list_members(1, 2, 3)
+    gw.round()
+    for index in (2, 3):
+        for _ in range(gw.pool.failures_to_leave):
+            gw.pool.record_check(ep.parse_endpoint(a[index]), False)  # up, but unhealthy
+    members.broken = {1}  # the only healthy synced member: asked first
+    asked_before = len(members.asked)
+    gw.round()
+    # Then the healthy seed, before the members that etcd's checks call unhealthy.
+    assert members.asked[asked_before:] == [members.port(1), members.port(0)], members.asked
+    assert (gw.gateway.stats.sync_ok, gw.gateway.stats.sync_error) == (2, 0)
+    # Nobody answers: every member (and the seed behind them) asked once, one failure.
+    members.broken = {0, 1, 2, 3}
+    asked_before = len(members.asked)
+    gw.round()
+    assert sorted(members.asked[asked_before:]) == sorted(members.port(i) for i in range(4))
+    assert gw.gateway.stats.sync_error == 1
+    last = gw.log_text().splitlines()[-1]
+    assert "member sync failed" in last and last.count("asked 127.0.0.1:") == 4, last
 
 
 def test_sighup_syncs_and_refreshes(members, make_gateway):
     gw = make_gateway([members.addrs[0]])
     members.list_members(0, 1)
     gw.gateway.refresh_now(int(gateway.signal.SIGHUP))  # IP endpoints: nothing to refresh
-    assert gw.sync.busy
-    deadline = time.monotonic() + ROUND_TIMEOUT
-
-    def poll():
-        if not gw.sync.busy or time.monotonic() > deadline:
-            gw.reactor.stop()
-        else:
-            gw.reactor.call_later(0.005, poll)
-    poll()
-    gw.reactor.run()
+    gw.wait_for_round()
     assert [row[1] for row in gw.rows()] == ["synced", "synced"]
     assert "syncing members signal=SIGHUP" in gw.log_text()
     assert "nothing to refresh" not in gw.log_text()
