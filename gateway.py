@@ -1387,8 +1387,9 @@ def tls_reason(exc: BaseException) -> str:
 
 # Alerts a member sends about the certificate the gateway presented, or failed to present (RFC
 # 8446 section 6.2; Go's servers send "bad certificate" when a client certificate is required and
-# none came). They come after our own check of the member's certificate has passed: the fault is
-# the gateway's --cert/--key (or which CA the member trusts), never a sign that the member is down.
+# none came; "handshake failure" when nothing the gateway offers is acceptable). The fault is the
+# gateway's --cert/--key or TLS settings (or which CA the member trusts), not a sign that the
+# member is down: its clients' own certificates pass through untouched.
 CLIENT_CERTIFICATE_ALERTS = frozenset((
     "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_HANDSHAKE_FAILURE",
     "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "SSLV3_ALERT_CERTIFICATE_EXPIRED",
@@ -1411,7 +1412,11 @@ def report_tls_refusal(log: Log, endpoint: ep.Endpoint, reason: str, has_cert: b
     log.limited("error", "tls-client-config", TLS_CONFIG_REPORT_INTERVAL,
                 "a member refused the gateway's own TLS client configuration: a configuration "
                 "problem, not the member's", endpoint=str(endpoint), reason=reason,
-                hint="check --cert/--key" if has_cert else "give --cert and --key")
+                hint=tls_refusal_hint(has_cert))
+
+
+def tls_refusal_hint(has_cert: bool) -> str:
+    return "check --cert/--key" if has_cert else "give --cert and --key"
 
 
 def make_tls_context(ca_file: str, cert_file: str = "", key_file: str = ""):
@@ -2091,9 +2096,13 @@ class TlsValidation:
 
     def _probed(self, endpoint, names, reasons, probe, ok, reason) -> None:
         if probe.tls_refused:
-            # The member's certificate passed our check before it refused ours: it is validated.
-            report_tls_refusal(self.source.reactor.log, endpoint, reason, bool(self.source.options.cert))
-        if ok or probe.tls_refused:
+            # Not validated: an alert can come before the member has shown a certificate, so it
+            # proves nothing about the member. The reason says what to fix, in the one line of a
+            # failed start or in the refresh's warning.
+            reason += " (the member refused the gateway's client certificate: %s)" \
+                % tls_refusal_hint(bool(self.source.options.cert))
+            self._checked(endpoint, None, reasons + ["%s: %s" % (names[0], reason)])
+        elif ok:
             self._checked(endpoint, names[0], reasons)
         elif len(names) > 1:
             self._check(endpoint, names[1:], reasons + ["%s: %s" % (names[0], reason)])

@@ -13,8 +13,11 @@ import time
 
 import pytest
 
-from etcd_cluster import EtcdCluster, answered_by
+from dnsserver import DNSTestServer
+from etcd_cluster import EtcdCluster, answered_by, ctl
 from support import closed_by_peer, free_port, gateway_cli, wait_until
+from test_discovery_e2e import (DiscoveryGateway, assert_one_line_error, failing_start,
+                                members_zone, set_zone, targets)
 from test_status import StatusGateway, endpoints_of, health_of, scrape
 
 FLAGS = ["--health-check=etcd", "--health-interval=300ms", "--dial-timeout=500ms",
@@ -26,7 +29,7 @@ EVENT_TIMEOUT = 20.0  # waiting for a log line or a state: only "did not hang"
 @pytest.fixture(scope="module")
 def mtls_cluster(tmp_path_factory):
     with EtcdCluster(tmp_path_factory.mktemp("etcd-mtls"), size=2, tls=True,
-                     client_cert_auth=True) as cluster:
+                     server_names=("m0.mtls.test", "m1.mtls.test"), client_cert_auth=True) as cluster:
         yield cluster
 
 
@@ -88,6 +91,22 @@ def test_without_a_client_certificate_it_says_so_once_and_keeps_proxying(mtls_cl
             assert answered_by(cluster, gateway, "put", "mtls/k", "v2") in (0, 1)
         finally:
             client.close()
+
+
+def test_tls_validation_of_discovered_members_presents_the_client_certificate(mtls_cluster):
+    # Secure discovery validates each member with a handshake; these members refuse one without
+    # a client certificate. An alert proves nothing about who sent it, so such a member is not
+    # validated: without --cert nothing usable is found (exit 1, one line, the alert named).
+    cluster = mtls_cluster
+    with DNSTestServer() as dns:
+        set_zone(dns, members_zone(cluster, "mtls.test", "_etcd-client-ssl", range(2)))
+        ca = f"--trusted-ca-file={cluster.ca_path}"
+        line = assert_one_line_error(failing_start("mtls.test", dns, ca), "failed TLS validation",
+                                     "refused the gateway's client certificate: give --cert and --key")
+        assert re.search(r"ALERT_(BAD_CERTIFICATE|CERTIFICATE_REQUIRED)", line), line
+        with DiscoveryGateway("mtls.test", ca, *tls_flags(cluster)[1:], dns=dns) as gateway:
+            assert gateway.ready_targets == targets(cluster, "mtls.test", range(2))
+            assert ctl(cluster, gateway, "put", "mtls/k", "dns").stdout.strip() == "OK"
 
 
 def test_a_bad_key_file_stops_the_start_with_one_line(mtls_cluster, tmp_path):
