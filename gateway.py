@@ -22,6 +22,9 @@ Architecture (one thread, standard library only; docs/ARCHITECTURE.md lists ever
   shutdown.
 * ``DnsDriver`` runs dnssrv's sans-I/O lookups on non-blocking sockets; ``EndpointSource`` turns
   SRV discovery or --endpoints host names into endpoints, with ``TlsValidation`` for secure records.
+* ``MemberSync`` (--auto-sync-interval) asks one member for the cluster's member list over
+  etcd's HTTP/JSON gateway (``parse_json``: python3-minimal has no json module) and makes the
+  members' client URLs the endpoint set, the seeds kept behind them as the fallback.
 * ``main()`` is the one entry point for `python -m gateway`, the console script and the .pyz.
 
 Trade-offs: one thread keeps every state change free of locks and makes the gateway's cost
@@ -281,6 +284,19 @@ def _bool_arg(text: str) -> bool:
     raise argparse.ArgumentTypeError("invalid boolean %r" % text)
 
 
+MIN_AUTO_SYNC_SECONDS = 1.0
+
+
+def _auto_sync_interval_arg(text: str) -> float:
+    """0 is off; anything else at least 1s: every round is a request to a member from every host
+    of the fleet."""
+    seconds = _duration_arg(text)
+    if 0 < seconds < MIN_AUTO_SYNC_SECONDS:
+        raise argparse.ArgumentTypeError("%r is too short (0 = off, else at least %s)"
+                                         % (text, format_duration(MIN_AUTO_SYNC_SECONDS)))
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="etcd-gateway", allow_abbrev=False,
@@ -340,6 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "0 turns it off (default 50us)")
     ext.add_argument("--log-level", choices=tuple(LEVELS), default="info")
     ext.add_argument("--log-format", choices=("text", "json"), default="text")
+    ext.add_argument("--cert", default="", metavar="PATH",
+                     help="client certificate (PEM) that the gateway presents in its own requests "
+                          "to members (etcd health checks, TLS validation, member sync); with "
+                          "--key. Clients' connections are passed through as they are")
+    ext.add_argument("--key", default="", metavar="PATH", help="the private key of --cert (PEM)")
+    ext.add_argument("--auto-sync-interval", type=_auto_sync_interval_arg, default=0.0,
+                     metavar="DURATION",
+                     help="ask a member for the cluster's member list about this often (jittered) "
+                          "and proxy to the members' client URLs, the --endpoints or discovery "
+                          "set kept as the fallback; at least 1s; 0 = off (default 0)")
     return parser
 
 
@@ -358,6 +384,8 @@ def parse_args(argv: Optional[Sequence[str]]):
             for endpoint in group:
                 unique.setdefault(endpoint.key, endpoint)
         options.endpoints = list(unique.values())
+    if bool(options.cert) != bool(options.key):
+        parser.error("--cert and --key go together")
     return options
 
 
@@ -1297,7 +1325,9 @@ class Probe:
     what follows it by `timeout`. `start()` begins it; `on_done(probe, ok,
     reply, reason)` is called exactly once unless cancelled, possibly from within `start()`.
     Used for TCP probes, TLS validation and etcd /health checks. `connected` says whether the
-    TCP connect succeeded; `local_failure` whether the failure was ours (out of descriptors)."""
+    TCP connect succeeded; `local_failure` whether the failure was ours (out of descriptors);
+    `tls_refused` whether the member refused our TLS client configuration (see
+    `refused_our_certificate`)."""
 
     def __init__(self, reactor: Reactor, endpoint: ep.Endpoint, timeout: float, on_done,
                  tls_context=None, server_hostname: str = "", request: bytes = b"",
@@ -1316,6 +1346,7 @@ class Probe:
         self.mask = 0
         self.connected = False
         self.local_failure = False
+        self.tls_refused = False
         self.phase = ProbePhase.DIAL
         self.timer = None
         self.dial = None
@@ -1371,6 +1402,7 @@ class Probe:
         except (BlockingIOError, InterruptedError):
             pass
         except (OSError, ValueError) as exc:  # ssl.SSLError and certificate errors are OSErrors
+            self.tls_refused = refused_our_certificate(exc)
             self._finish(False, tls_reason(exc))
             return
         if self.phase is ProbePhase.DONE:
@@ -1426,14 +1458,57 @@ def tls_reason(exc: BaseException) -> str:
     return error_reason(exc)
 
 
-def make_tls_context(ca_file: str):
-    """A client context that verifies the chain against `ca_file` (the system CAs when empty)."""
+# Alerts a member sends about the certificate the gateway presented, or failed to present (RFC
+# 8446 section 6.2; Go's servers send "bad certificate" when a client certificate is required and
+# none came; "handshake failure" when nothing the gateway offers is acceptable). The fault is the
+# gateway's --cert/--key or TLS settings (or which CA the member trusts), not a sign that the
+# member is down: its clients' own certificates pass through untouched.
+CLIENT_CERTIFICATE_ALERTS = frozenset((
+    "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_HANDSHAKE_FAILURE",
+    "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+    "TLSV1_ALERT_ACCESS_DENIED"))
+TLS_CONFIG_REPORT_INTERVAL = 3600.0  # a configuration problem is said once (then hourly)
+
+
+def refused_our_certificate(exc: BaseException) -> bool:
+    """True when `exc` is a member's TLS alert about the gateway's own client certificate."""
+    return (ssl is not None and isinstance(exc, ssl.SSLError)
+            and not isinstance(exc, ssl.SSLCertVerificationError)
+            and exc.reason in CLIENT_CERTIFICATE_ALERTS)
+
+
+def report_tls_refusal(log: Log, endpoint: ep.Endpoint, reason: str, has_cert: bool) -> None:
+    """Say once, for every kind of request the gateway makes, that a member refused its TLS
+    client configuration. Nothing else follows from it: the member is not marked down or
+    unhealthy, and clients' connections (TLS passed through) are not touched."""
+    log.limited("error", "tls-client-config", TLS_CONFIG_REPORT_INTERVAL,
+                "a member refused the gateway's own TLS client configuration: a configuration "
+                "problem, not the member's", endpoint=str(endpoint), reason=reason,
+                hint=tls_refusal_hint(has_cert))
+
+
+def tls_refusal_hint(has_cert: bool) -> str:
+    return "check --cert/--key" if has_cert else "give --cert and --key"
+
+
+def make_tls_context(ca_file: str, cert_file: str = "", key_file: str = ""):
+    """A client context that verifies the chain against `ca_file` (the system CAs when empty) and
+    presents `cert_file`/`key_file` when given."""
     if ssl is None:
         raise ConfigError("this Python has no ssl module: TLS endpoints cannot be verified")
     try:
-        return ssl.create_default_context(cafile=ca_file or None)
+        context = ssl.create_default_context(cafile=ca_file or None)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError("cannot load --trusted-ca-file %s: %s" % (ca_file, tls_reason(exc))) from None
+    if cert_file:
+        try:
+            # An encrypted key gets an empty password rather than a prompt on the terminal.
+            context.load_cert_chain(cert_file, key_file, password=lambda: b"")
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("cannot load --cert %s / --key %s: %s"
+                              % (cert_file, key_file, tls_reason(exc))) from None
+    return context
 
 
 def health_request(endpoint: ep.Endpoint) -> bytes:
@@ -1649,12 +1724,13 @@ class Stats:
     """Counters of events that the status pages report; the gateway's parts add to them."""
 
     __slots__ = ("connections_total", "client_to_upstream", "upstream_to_client", "refresh_ok",
-                 "refresh_error")
+                 "refresh_error", "sync_ok", "sync_error")
 
     def __init__(self):
         self.connections_total = 0
         self.client_to_upstream = self.upstream_to_client = 0  # bytes of closed connections
         self.refresh_ok = self.refresh_error = 0
+        self.sync_ok = self.sync_error = 0  # member sync rounds
 
 
 class StatusPages:
@@ -1662,12 +1738,13 @@ class StatusPages:
     reads the endpoint pool, the counters and the live connections; it changes nothing."""
 
     def __init__(self, reactor: Reactor, log: Log, pool: ep.Pool, stats: Stats,
-                 connections: "Connections"):
+                 connections: "Connections", source_of: Optional[Callable[[ep.Endpoint], str]] = None):
         self.reactor = reactor
         self.log = log
         self.pool = pool
         self.stats = stats
         self.connections = connections
+        self.source_of = source_of or (lambda endpoint: "seed")  # "seed" or "synced" (member sync)
         self.start_wall = time.time()
         self.listener = None
         self.draining = False  # shutting down: /health says so, so that a balancer moves on
@@ -1712,11 +1789,12 @@ class StatusPages:
         rows = []
         for health in self.pool.healths():
             endpoint = health.endpoint
-            fields = [("endpoint", str(endpoint)), ("address", endpoint.dial_host), ("port", endpoint.port),
+            fields = [("endpoint", str(endpoint)), ("address", endpoint.dial_host),
+                      ("addresses", list(endpoint.addresses)), ("port", endpoint.port),
                       ("up", health.up), ("healthy", health.healthy), ("priority", endpoint.priority),
                       ("weight", endpoint.weight), ("secure", endpoint.secure),
                       ("active_connections", health.active), ("dial_failures", health.dial_failures),
-                      ("last_error", health.last_error)]
+                      ("last_error", health.last_error), ("source", self.source_of(endpoint))]
             rows.append("{" + ",".join("%s:%s" % (_json_string(k), _json_value(v)) for k, v in fields) + "}")
         return ("[" + ",".join(rows) + "]\n").encode()
 
@@ -1742,6 +1820,9 @@ class StatusPages:
         out.family("etcd_gateway_discovery_refreshes_total", "counter",
                    "DNS discovery refreshes, by result.",
                    [((("result", "ok"),), stats.refresh_ok), ((("result", "error"),), stats.refresh_error)])
+        out.family("etcd_gateway_member_syncs_total", "counter",
+                   "Member list syncs (--auto-sync-interval), by result.",
+                   [((("result", "ok"),), stats.sync_ok), ((("result", "error"),), stats.sync_error)])
         for name, help_text, value in read_process_gauges(self.start_wall):
             out.family(name, "counter" if name.endswith("_total") else "gauge", help_text, [((), value)])
         return out.render()
@@ -1990,9 +2071,9 @@ class EndpointSource:
         self.pending.append(driver)
         driver.start()
 
-    def resolve_static(self, on_done) -> None:
-        """Resolve the --endpoints host names (IP literals stay as they are)."""
-        endpoints = list(self.options.endpoints)
+    def resolve_static(self, on_done, endpoints: Optional[Sequence[ep.Endpoint]] = None) -> None:
+        """Resolve the --endpoints host names, or those of `endpoints` (IP literals stay as they are)."""
+        endpoints = list(self.options.endpoints if endpoints is None else endpoints)
         results = {}
 
         def resolved(index, machine):
@@ -2090,7 +2171,8 @@ class TlsValidation:
         # All are counted before any starts: a check may finish inside start() (loopback).
         self.waiting = len(unchecked)
         for endpoint in unchecked:
-            self._check(endpoint, [endpoint.host] + ([domain] if domain != endpoint.host else []), [])
+            self._check(endpoint, [endpoint.host] + ([domain] if domain and domain != endpoint.host else []),
+                        [])
         if not unchecked:
             self._finish()
 
@@ -2102,11 +2184,18 @@ class TlsValidation:
         name = names[0]
         timeout = max(2 * source.options.dial_timeout, TLS_VALIDATION_MIN_TIMEOUT)
         Probe(source.reactor, endpoint, timeout,
-              lambda probe, ok, reply, reason: self._probed(endpoint, names, reasons, ok, reason),
+              lambda probe, ok, reply, reason: self._probed(endpoint, names, reasons, probe, ok, reason),
               tls_context=source.tls_context, server_hostname=name).start()
 
-    def _probed(self, endpoint, names, reasons, ok, reason) -> None:
-        if ok:
+    def _probed(self, endpoint, names, reasons, probe, ok, reason) -> None:
+        if probe.tls_refused:
+            # Not validated: an alert can come before the member has shown a certificate, so it
+            # proves nothing about the member. The reason says what to fix, in the one line of a
+            # failed start or in the refresh's warning.
+            reason += " (the member refused the gateway's client certificate: %s)" \
+                % tls_refusal_hint(bool(self.source.options.cert))
+            self._checked(endpoint, None, reasons + ["%s: %s" % (names[0], reason)])
+        elif ok:
             self._checked(endpoint, names[0], reasons)
         elif len(names) > 1:
             self._check(endpoint, names[1:], reasons + ["%s: %s" % (names[0], reason)])
@@ -2125,6 +2214,449 @@ class TlsValidation:
 
     def _finish(self) -> None:
         self.on_done(self.accepted, self.rejected)
+
+
+# ================================================================================ member sync ==
+
+class JsonError(ValueError):
+    """Malformed JSON; `offset` is where in the text it was found."""
+
+    def __init__(self, reason: str, offset: int):
+        super().__init__("%s at offset %d" % (reason, offset))
+        self.offset = offset
+
+
+JSON_MAX_DEPTH = 32  # a member list nests 4 deep; deeper input is refused, not recursed into
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+_JSON_PLAIN = re.compile(r'[^"\\\x00-\x1f]*')  # the run of a string that needs no decoding
+_JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
+                 "t": "\t"}
+_JSON_HEX4 = re.compile(r"[0-9a-fA-F]{4}")
+_JSON_LITERALS = (("true", True), ("false", False), ("null", None))
+
+
+def parse_json(text: str):
+    """Parse one JSON text (RFC 8259) strictly: what `json.loads` returns for it, or JsonError
+    where it raises, with NaN/Infinity refused (not JSON) and nesting past JSON_MAX_DEPTH refused.
+
+    Written here because python3-minimal has no `json` module; used everywhere, so the parser
+    that runs on a minimal Python is the one every test runs (and compares with `json`)."""
+    value, end = _parse_json_value(text, _JSON_SPACE.match(text, 0).end(), 0)
+    end = _JSON_SPACE.match(text, end).end()
+    if end != len(text):
+        raise JsonError("extra data after the value", end)
+    return value
+
+
+def _parse_json_value(text: str, pos: int, depth: int):
+    """(value, the offset after it) for the value at `pos` (whitespace already skipped)."""
+    char = text[pos:pos + 1]
+    if char == '"':
+        return _parse_json_string(text, pos + 1)
+    if char in ("{", "["):
+        if depth >= JSON_MAX_DEPTH:
+            raise JsonError("nested deeper than %d" % JSON_MAX_DEPTH, pos)
+        return (_parse_json_object if char == "{" else _parse_json_array)(text, pos + 1, depth + 1)
+    match = _JSON_NUMBER.match(text, pos)
+    if match:
+        number = match.group()
+        try:
+            return (float(number) if match.group(1) or match.group(2) else int(number)), match.end()
+        except ValueError:  # more digits than int() converts (sys.set_int_max_str_digits)
+            raise JsonError("number too long", pos) from None
+    for word, value in _JSON_LITERALS:
+        if text.startswith(word, pos):
+            return value, pos + len(word)
+    raise JsonError("expected a value" if char else "unexpected end", pos)
+
+
+def _parse_json_string(text: str, pos: int):
+    """(string, offset after its closing quote); `pos` is just after the opening quote."""
+    parts = []
+    while True:
+        end = _JSON_PLAIN.match(text, pos).end()
+        parts.append(text[pos:end])
+        char = text[end:end + 1]
+        if char == '"':
+            return "".join(parts), end + 1
+        if char != "\\":
+            raise JsonError("unterminated string" if not char else "control character in string", end)
+        escape = text[end + 1:end + 2]
+        if escape in _JSON_ESCAPES:
+            parts.append(_JSON_ESCAPES[escape])
+            pos = end + 2
+        elif escape == "u":
+            code, pos = _parse_json_hex4(text, end + 2)
+            # A high surrogate followed by an escaped low one is one character (RFC 8259 section
+            # 7); a lone surrogate is kept as it is, as `json` keeps it.
+            if 0xD800 <= code <= 0xDBFF and text.startswith("\\u", pos):
+                low, after = _parse_json_hex4(text, pos + 2)
+                if 0xDC00 <= low <= 0xDFFF:
+                    code, pos = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00), after
+            parts.append(chr(code))
+        else:
+            raise JsonError("invalid escape", end)
+
+
+def _parse_json_hex4(text: str, pos: int):
+    if not _JSON_HEX4.match(text, pos):
+        raise JsonError("invalid \\u escape", pos)
+    return int(text[pos:pos + 4], 16), pos + 4
+
+
+def _parse_json_array(text: str, pos: int, depth: int):
+    items = []
+    pos = _JSON_SPACE.match(text, pos).end()
+    if text.startswith("]", pos):
+        return items, pos + 1
+    while True:
+        value, pos = _parse_json_value(text, pos, depth)
+        items.append(value)
+        pos = _JSON_SPACE.match(text, pos).end()
+        char = text[pos:pos + 1]
+        if char == "]":
+            return items, pos + 1
+        if char != ",":
+            raise JsonError("expected , or ]", pos)
+        pos = _JSON_SPACE.match(text, pos + 1).end()
+
+
+def _parse_json_object(text: str, pos: int, depth: int):
+    members = {}
+    pos = _JSON_SPACE.match(text, pos).end()
+    if text.startswith("}", pos):
+        return members, pos + 1
+    while True:
+        if not text.startswith('"', pos):
+            raise JsonError("expected a member name", pos)
+        key, pos = _parse_json_string(text, pos + 1)
+        pos = _JSON_SPACE.match(text, pos).end()
+        if not text.startswith(":", pos):
+            raise JsonError("expected :", pos)
+        pos = _JSON_SPACE.match(text, pos + 1).end()
+        members[key], pos = _parse_json_value(text, pos, depth)  # a repeated name: the last wins, as in json
+        pos = _JSON_SPACE.match(text, pos).end()
+        char = text[pos:pos + 1]
+        if char == "}":
+            return members, pos + 1
+        if char != ",":
+            raise JsonError("expected , or }", pos)
+        pos = _JSON_SPACE.match(text, pos + 1).end()
+
+
+def member_list_request(endpoint: ep.Endpoint) -> bytes:
+    """etcd's MemberList over its HTTP/JSON gateway (grpc-gateway, on every client port since
+    etcd 3.3). HTTP/1.0, so that the reply is never chunked and ends at EOF. The body `{}` asks
+    for the member's own view (serializable): cheap for the leader whatever the size of the fleet;
+    a stale view only lags a change by a round."""
+    return ("POST /v3/cluster/member/list HTTP/1.0\r\nHost: %s\r\nUser-Agent: etcd-gateway/%s\r\n"
+            "Content-Type: application/json\r\nAccept: application/json\r\nContent-Length: 2\r\n"
+            "Connection: close\r\n\r\n{}" % (endpoint, VERSION)).encode()
+
+
+def http_reply_body(reply: bytes):
+    """(status code, body) of a whole HTTP/1.x reply read to EOF; ValueError when malformed,
+    chunked or cut short."""
+    head, separator, body = reply.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = lines[0].split(None, 2)
+    if not separator or len(status) < 2 or not status[0].startswith(b"HTTP/1.") \
+            or not status[1].isdigit():
+        raise ValueError("not an HTTP reply")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get(b"transfer-encoding", b"identity").lower() != b"identity":
+        raise ValueError("unexpected Transfer-Encoding in a reply to HTTP/1.0")
+    length = headers.get(b"content-length")
+    if length is not None:
+        if not length.isdigit() or int(length) > len(body):
+            raise ValueError("reply cut short")
+        body = body[:int(length)]
+    return int(status[1]), body
+
+
+def parse_member_list_reply(reply: bytes, prefer_secure: bool):
+    """(endpoints, problems) from etcd's reply to `member_list_request`: one endpoint per member,
+    in the reply's order (see `member_endpoints`). ValueError with a reason when the reply is
+    not a member list."""
+    status, body = http_reply_body(reply)
+    try:
+        document = parse_json(body.decode("utf-8"))
+    except (UnicodeError, JsonError) as exc:
+        raise ValueError("HTTP %d, not a JSON member list: %s" % (status, exc)) from None
+    if status != 200 or not isinstance(document, dict):
+        detail = document.get("message") or document.get("error") if isinstance(document, dict) else ""
+        raise ValueError("HTTP %d%s" % (status, ": %s" % detail if detail else ""))
+    members = document.get("members", [])
+    if not isinstance(members, list):
+        raise ValueError("\"members\" is not a list")
+    return member_endpoints(members, prefer_secure)
+
+
+def member_endpoints(members, prefer_secure: bool):
+    """(endpoints, problems) for the members of a MemberListResponse in grpc-gateway's JSON
+    (ID as a string, `clientURLs` an array, fields at their defaults left out).
+
+    clientv3's Sync is the model: learners (`isLearner`) and members without a name or client
+    URLs (added, not started yet) are skipped without a word. Unlike Sync, which dials every URL,
+    a member gives one endpoint, so that a member advertising two URLs does not count twice: the
+    first `http`/`https` URL that parses, preferring the scheme of `prefer_secure` (that of the
+    member that answered). `unix://` and `unixs://` URLs are skipped (a TCP proxy cannot use
+    them). A member with no usable URL, or whose URL another member already gave, is a problem."""
+    endpoints, problems, seen = [], [], set()
+    for member in members:
+        if not isinstance(member, dict):
+            problems.append("a member entry is not an object")
+            continue
+        name, urls = member.get("name"), member.get("clientURLs")
+        if member.get("isLearner") is True or not name or not urls:
+            continue
+        if not isinstance(name, str) or not isinstance(urls, list):
+            problems.append("member entry %r is malformed" % (name,))
+            continue
+        parsed = [endpoint for endpoint in map(_client_url_endpoint, urls) if endpoint is not None]
+        preferred = [endpoint for endpoint in parsed if endpoint.secure == prefer_secure]
+        if not parsed:
+            problems.append("member %s has no usable client URL in %s" % (name, urls))
+        elif (preferred or parsed)[0].key in seen:
+            problems.append("member %s repeats client URL %s" % (name, (preferred or parsed)[0]))
+        else:
+            endpoints.append((preferred or parsed)[0])
+            seen.add(endpoints[-1].key)
+    return endpoints, problems
+
+
+def _client_url_endpoint(url) -> Optional[ep.Endpoint]:
+    """The endpoint of an `http://` or `https://` client URL; None for anything else."""
+    if not isinstance(url, str) or url.partition("://")[0] not in ("http", "https"):
+        return None
+    try:
+        return ep.parse_endpoint(url)
+    except ValueError:
+        return None
+
+
+SEED_FALLBACK_PRIORITY = 65536  # past every SRV priority (0-65535)
+MEMBER_SYNC_REPORT_INTERVAL = 60.0
+
+
+def with_fallback_seeds(synced: Sequence[ep.Endpoint],
+                        seeds: Sequence[ep.Endpoint]) -> List[ep.Endpoint]:
+    """The endpoint set while members are synced: the synced endpoints, then the seeds that are
+    not among them, each moved behind every synced one (its priority past the SRV range), so that
+    a seed takes clients only while no synced endpoint is up, and the data path falls back to
+    the seeds at once, without waiting for a sync round."""
+    synced_keys = {endpoint.key for endpoint in synced}
+    return list(synced) + [seed._replace(priority=SEED_FALLBACK_PRIORITY + seed.priority)
+                           for seed in seeds if seed.key not in synced_keys]
+
+
+def ranking_change(old: ep.Endpoint, new: ep.Endpoint) -> str:
+    """How the priority and weight of an endpoint changed ("" when they did not): a seed moved
+    behind the synced members, or a changed SRV record, changes who gets the clients."""
+    changes = ["%s %d->%d" % (name, getattr(old, name), getattr(new, name))
+               for name in ("priority", "weight") if getattr(old, name) != getattr(new, name)]
+    return "%s %s" % (new, ", ".join(changes)) if changes else ""
+
+
+def members_to_ask(healths: Sequence[ep.Health], rng: random.Random) -> List[ep.Endpoint]:
+    """The endpoints to ask for the member list, in order: those up and healthy first, then those
+    up, then the others; within each, lower priorities first (synced members before seeds), and
+    at random within a priority, so that a fleet of gateways spreads its questions."""
+    ranked = sorted((not h.up, not h.healthy, h.endpoint.priority, rng.random(), index)
+                    for index, h in enumerate(healths))
+    return [healths[rank[-1]].endpoint for rank in ranked]
+
+
+class MemberSync:
+    """--auto-sync-interval, after clientv3's AutoSyncInterval: every interval (jittered), ask ONE
+    member for the cluster's member list and make the members' client URLs the endpoint set;
+    the seeds (--endpoints, or what discovery found) stay behind them as the fallback.
+
+    A round: POST /v3/cluster/member/list to a member (`members_to_ask`; a Probe, TLS verified
+    against --trusted-ca-file for `https` members), and to the next one only if that one gives
+    no member list (as clientv3 retries MemberList on another endpoint, so that a member that
+    just died does not cost a round), the reply parsed (`parse_member_list_reply`),
+    host names resolved, then the TLS rules of discovery: `https` members are validated with a
+    handshake as discovered ones are (unless --insecure-discovery), and plain ones are refused
+    when discovery is secure. `install(endpoints)` gets the result. A round that fails or finds
+    no usable member keeps the last good set: the set never becomes empty.
+
+    `set_seeds` takes a new seed set from discovery (the synced set stays). `sync_now` runs a
+    round at once (SIGHUP). Connections to a member that left the set are left to finish, as
+    after a discovery refresh."""
+
+    def __init__(self, reactor: Reactor, log: Log, pool: ep.Pool, stats: "Stats", options,
+                 source: EndpointSource, install: Callable[[List[ep.Endpoint]], None]):
+        self.reactor = reactor
+        self.log = log
+        self.pool = pool
+        self.stats = stats
+        self.options = options
+        self.interval = options.auto_sync_interval
+        self.source = source  # its own EndpointSource: resolves and validates synced members
+        self.install = install
+        self.rng = random.Random()
+        self.seeds = pool.endpoints
+        self.synced = []  # the last good synced set; empty until the first good round
+        self.timer = None
+        self.probe = None
+        self.to_ask = []  # the members this round may still ask, in order
+        self.failures = []  # why the members asked in this round gave no member list
+        self.busy = False
+        self.stopped = False
+
+    def source_of(self, endpoint: ep.Endpoint) -> str:
+        """"synced" or "seed": where an endpoint of the set comes from (for /endpoints)."""
+        return "synced" if any(endpoint.key == synced.key for synced in self.synced) else "seed"
+
+    def start(self) -> None:
+        self._arm()
+
+    def _arm(self) -> None:
+        self.reactor.cancel(self.timer)
+        self.timer = None
+        if not self.stopped:
+            # Jittered every round, not only a random phase once: a fleet started (or sent
+            # SIGHUP) in step drifts apart again, and no two rounds are more than an interval apart.
+            delay = self.interval * self.rng.uniform(0.5, 1.0)
+            self.timer = self.reactor.call_later(delay, self.sync_now)
+
+    def set_seeds(self, seeds: Sequence[ep.Endpoint]) -> List[ep.Endpoint]:
+        """Discovery found a new seed set: it replaces the fallback, not the synced set. Returns
+        the endpoint set to install now."""
+        self.seeds = list(seeds)
+        return with_fallback_seeds(self.synced, self.seeds) if self.synced else list(self.seeds)
+
+    def sync_now(self, signum: int = 0) -> None:
+        if self.busy or self.stopped:
+            return
+        if signum:
+            self.log.info("syncing members", signal=signal.Signals(signum).name)
+        self.busy = True
+        self.reactor.cancel(self.timer)  # the round arms the next one when it ends
+        self.to_ask, self.failures = members_to_ask(self.pool.healths(), self.rng), []
+        self._guard(self._ask_next)
+
+    def _guard(self, step, *args) -> None:
+        """Run one step of a round; a bug in it ends the round as a failure rather than leaving
+        `busy` set, which would stop every later round."""
+        if self.stopped or not self.busy:
+            return  # stopped meanwhile: a late answer is dropped
+        try:
+            step(*args)
+        except Exception as exc:
+            self._finish(None, [], "internal error in %s: %r" % (step.__name__, exc))
+
+    def _ask_next(self) -> None:
+        if not self.to_ask:
+            self._finish(None, [], "; ".join(self.failures) or "no member to ask")
+            return
+        member = self.to_ask.pop(0)
+        if member.secure and self.source.tls_context is None:
+            self._failed_to_answer(member, "this Python has no ssl module")
+            return
+        timeout = max(self.options.dial_timeout, min(self.interval, 5.0))
+        self.probe = Probe(self.reactor, member, timeout,
+                           lambda *outcome: self._guard(self._answered, *outcome),
+                           tls_context=self.source.tls_context if member.secure else None,
+                           server_hostname=member.tls_name, request=member_list_request(member),
+                           connect_timeout=self.options.connect_timeout)
+        self.probe.start()
+
+    def _answered(self, probe: Probe, ok: bool, reply: bytes, reason: str) -> None:
+        self.probe = None
+        member = probe.endpoint
+        if probe.tls_refused:  # said once as our configuration problem; counted, not logged again
+            report_tls_refusal(self.log, member, reason, bool(self.options.cert))
+            self._finish(None, [], "asked %s: %s" % (member, reason), quiet=True)
+            return
+        if not ok:
+            self._failed_to_answer(member, reason)
+            return
+        try:
+            endpoints, problems = parse_member_list_reply(reply, member.secure)
+        except ValueError as exc:
+            self._failed_to_answer(member, str(exc))
+            return
+        self._resolve(endpoints, problems)
+
+    def _failed_to_answer(self, member: ep.Endpoint, reason: str) -> None:
+        self.failures.append("asked %s: %s" % (member, reason))
+        self._ask_next()
+
+    def _resolve(self, endpoints, problems) -> None:
+        """Resolve the members' host names, each on its own: a name that does not resolve here
+        drops that member (a problem), not the round."""
+        found = {endpoint.key: endpoint for endpoint in endpoints if endpoint.address}
+        waiting = {endpoint.key for endpoint in endpoints if not endpoint.address}
+
+        def resolved(name, got, error):
+            waiting.discard(name.key)
+            if error is not None:
+                problems.append(error)
+            else:
+                found[name.key] = got[0]
+            if not waiting:
+                self._resolved([found[e.key] for e in endpoints if e.key in found], problems)
+
+        if not waiting:
+            self._resolved(endpoints, problems)
+        for name in [endpoint for endpoint in endpoints if not endpoint.address]:
+            self.source.resolve_static(
+                lambda got, error, name=name: self._guard(resolved, name, got, error), [name])
+
+    def _resolved(self, endpoints, problems) -> None:
+        plain = [endpoint for endpoint in endpoints if not endpoint.secure]
+        secure = [endpoint for endpoint in endpoints if endpoint.secure]
+        if self.options.discovery_srv and not self.options.insecure_discovery:
+            problems = problems + ["%s is insecure (allowed by --insecure-discovery)" % (endpoint,)
+                                   for endpoint in plain]
+            plain = []
+        if self.options.insecure_discovery or not secure:
+            self._validated(endpoints, plain + secure, problems)
+            return
+        TlsValidation(self.source, secure, lambda accepted, rejected: self._guard(
+            self._validated, endpoints, plain + accepted, problems + rejected)).start()
+
+    def _validated(self, listed, accepted, problems) -> None:
+        order = {endpoint.key: index for index, endpoint in enumerate(listed)}
+        accepted = sorted(accepted, key=lambda endpoint: order[endpoint.key])  # the reply's order
+        if not accepted:
+            self._finish(None, problems, "the member list names no usable member")
+        else:
+            self._finish(accepted, problems, None)
+
+    def _finish(self, endpoints, problems, error, quiet: bool = False) -> None:
+        self.busy = False
+        if problems:
+            self.log.limited("warn", "member-sync-skipped:" + "; ".join(problems),
+                             MEMBER_SYNC_REPORT_INTERVAL, "ignoring members of the member list",
+                             reasons=problems)
+        if endpoints is None:
+            self.stats.sync_error += 1
+            if not quiet:
+                self.log.limited("warn", "member-sync:" + error, MEMBER_SYNC_REPORT_INTERVAL,
+                                 "member sync failed, keeping the last good set", reason=error,
+                                 endpoints=[str(e) for e in self.pool.endpoints])
+        else:
+            self.stats.sync_ok += 1
+            self.synced = endpoints
+            self.install(with_fallback_seeds(self.synced, self.seeds))
+        self._arm()
+
+    def stop(self) -> None:
+        """No more rounds; a round under way is abandoned."""
+        self.stopped = True
+        self.reactor.cancel(self.timer)
+        self.timer = None
+        if self.probe is not None:
+            self.probe.cancel()
+            self.probe = None
+        self.source.cancel()
 
 
 # ===================================================================================== gateway ==
@@ -2328,6 +2860,7 @@ class HealthMonitor:
         self.health_check = options.health_check
         self.health_interval = options.health_interval
         self.tls_context = tls_context
+        self.has_cert = bool(options.cert)
         self.evict = evict
         self.probe_timer = None
         self.probing = {}  # endpoint key -> the Dial probing it
@@ -2425,6 +2958,9 @@ class HealthMonitor:
             self.endpoint_failed(endpoint, reason)  # unreachable, not merely unhealthy
         elif probe.connected and self.pool.mark_up(endpoint):
             self.log.info("endpoint up", endpoint=str(endpoint), reason="health check connected")
+        if probe.tls_refused:  # our --cert/--key, not the member: like a local fault
+            report_tls_refusal(self.log, endpoint, reason, self.has_cert)
+            return
         if ok:
             ok, reason = parse_health_reply(reply)
         change = self.pool.record_check(endpoint, ok, reason)
@@ -2449,8 +2985,9 @@ class HealthMonitor:
 
 
 class Gateway:
-    """The glue: the proxy port's connections, the health monitor and the status pages share one
-    endpoint pool; the gateway adds what spans them: discovery refresh, signals and shutdown."""
+    """The glue: the proxy port's connections, the health monitor, member sync and the status
+    pages share one endpoint pool; the gateway adds what spans them: discovery refresh, signals
+    and shutdown."""
 
     def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, options, tls_context=None):
         self.reactor = reactor
@@ -2461,7 +2998,12 @@ class Gateway:
         self.health = HealthMonitor(reactor, pool, log, options, tls_context, self._evict)
         self.connections = Connections(reactor, pool, log, self.stats, options,
                                        DataPath(splice_enabled()), self.health)
-        self.status = StatusPages(reactor, log, pool, self.stats, self.connections)
+        self.sync = None
+        if options.auto_sync_interval:
+            self.sync = MemberSync(reactor, log, pool, self.stats, options,
+                                   EndpointSource(reactor, options, tls_context), self._install_synced)
+        self.status = StatusPages(reactor, log, pool, self.stats, self.connections,
+                                  self.sync.source_of if self.sync is not None else None)
         self.shutting_down = False
         self.source = None
         self.refreshing = False
@@ -2485,8 +3027,10 @@ class Gateway:
             self.refresh_timer = self.reactor.call_later(self.refresh_interval, self.refresh_now)
 
     def refresh_now(self, signum: int = 0) -> None:
+        if signum and self.sync is not None:
+            self.sync.sync_now(signum)  # SIGHUP syncs the members too
         if self.source is None:
-            if signum:
+            if signum and self.sync is None:
                 self.log.info("nothing to refresh: the endpoints are IP addresses",
                               signal=signal.Signals(signum).name)
             return
@@ -2513,6 +3057,8 @@ class Gateway:
                              endpoints=[str(e) for e in self.pool.endpoints])
         else:
             self.stats.refresh_ok += 1
+            if self.sync is not None:  # the seeds change; the synced set stays
+                endpoints = self.sync.set_seeds(endpoints)
             self.apply_endpoints(endpoints)
         self._arm_refresh()
 
@@ -2529,17 +3075,30 @@ class Gateway:
                 self.log.warn("ignoring discovered endpoint", reason=str(exc))
         return kept
 
-    def apply_endpoints(self, endpoints: Sequence[ep.Endpoint]) -> None:
+    def apply_endpoints(self, endpoints: Sequence[ep.Endpoint], cause: str = "") -> None:
         """Install a new set: staying endpoints keep their health; removed ones get no new
-        connections, and their open connections are left alone."""
+        connections, and their open connections are left alone. `cause` is logged when given."""
+        before = {endpoint.key: endpoint for endpoint in self.pool.endpoints}
         moved = ["%s %s->%s" % (new, "/".join(old.addresses or (old.address,)),
                                 "/".join(new.addresses or (new.address,)))
                  for old, new in ep.readdressed(self.pool.endpoints, endpoints)]
         added, removed = self.pool.replace(endpoints)
-        if added or removed or moved:
+        ranked = [ranking_change(before[e.key], e) for e in endpoints
+                  if e.key in before and ranking_change(before[e.key], e)]
+        if added or removed or moved or ranked:
             self.log.info("endpoints changed", endpoints=[str(e) for e in endpoints],
                           added=[str(e) for e in added], removed=[str(e) for e in removed],
-                          readdressed=moved)
+                          readdressed=moved, **({"reranked": ranked} if ranked else {}),
+                          **({"cause": cause} if cause else {}))
+
+    # -- member sync (--auto-sync-interval) --------------------------------------------------------
+
+    def start_sync(self) -> None:
+        if self.sync is not None:
+            self.sync.start()
+
+    def _install_synced(self, endpoints: Sequence[ep.Endpoint]) -> None:
+        self.apply_endpoints(self._without_self(endpoints), cause="member sync")
 
     # -- shutdown ----------------------------------------------------------------------------------
 
@@ -2556,6 +3115,8 @@ class Gateway:
         sd_notify("STOPPING=1")
         self.status.draining = True
         self.health.stop_checks()
+        if self.sync is not None:
+            self.sync.stop()
         self.connections.stop_accepting(take_backlog=not handing_over)
         self.connections.drain(self.shutdown_timeout, self.reactor.stop)
 
@@ -2563,6 +3124,8 @@ class Gateway:
         self.connections.close()
         self.health.close()
         self.status.close()
+        if self.sync is not None:
+            self.sync.stop()
 
 
 # =================================================================================== start-up ==
@@ -2695,10 +3258,13 @@ def first_discovery(reactor: Reactor, source: EndpointSource, options, log: Log)
 
 def discovery_tls_context(options):
     """The context that verifies members: for secure discovery, and for etcd health checks of
-    TLS members (`https://` endpoints or `_etcd-client-ssl` records)."""
-    if options.discovery_srv and not options.insecure_discovery:
-        return make_tls_context(options.trusted_ca_file)
-    if options.discovery_srv or any(endpoint.secure for endpoint in options.endpoints):
+    TLS members (`https://` endpoints, `_etcd-client-ssl` records, synced members). It presents
+    --cert/--key,
+    which are loaded whenever given, so that a bad file stops the start-up."""
+    if options.cert or (options.discovery_srv and not options.insecure_discovery):
+        return make_tls_context(options.trusted_ca_file, options.cert, options.key)
+    if options.discovery_srv or options.auto_sync_interval \
+            or any(endpoint.secure for endpoint in options.endpoints):
         return make_tls_context(options.trusted_ca_file) if ssl is not None else None
     return None
 
@@ -3150,6 +3716,7 @@ def serve(reactor: Reactor, options, log: Log) -> int:
         if status_sock is not None:
             gateway.status.serve(status_sock)
         gateway.health.start()
+        gateway.start_sync()
         if source.dynamic:
             gateway.start_refreshes(source, options.discovery_refresh)
         # Always handled: `systemctl reload` must never kill a gateway with only IP endpoints.

@@ -6,6 +6,12 @@ Client URLs can be TLS (peer URLs stay plain): the certificates come from `trust
 127.0.0.1, "localhost" and any extra names passed in, so a gateway in front of the members (it
 forwards TLS byte for byte) and SRV records naming the members verify against `cluster.ca_path`.
 
+With `client_cert_auth` the members demand a client certificate (`--client-cert-auth`):
+`client_cert_path`/`client_key_path` hold one from the same CA, which etcdctl and `is_healthy`
+present. Membership changes: `add_member()` adds a member on fresh ports with `etcdctl member
+add` and starts it to join; `remove_member(i)` removes member i and stops it (a removed member
+is never restarted by `heal`).
+
 Faults are injected by PID: `kill(i)` (SIGKILL), `stop(i)` / `cont(i)` (SIGSTOP / SIGCONT), and
 `restart(i)` starts the member again on its old data dir and ports. Every wait polls against a
 monotonic deadline; `close()` kills exactly the processes this object started.
@@ -82,6 +88,8 @@ class Member:
     log_path: Path
     scheme: str = "http"
     id: int = 0
+    initial_cluster: str = ""  # a member added to a running cluster: what `member add` printed
+    removed: bool = False
     proc: Optional[subprocess.Popen] = field(default=None, repr=False)
 
     @property
@@ -114,10 +122,12 @@ class EtcdCluster:
 
     def __init__(self, base_dir, size: int = 3, tls: bool = False,
                  server_names: Sequence[str] = (), extra_args: Sequence[str] = (),
-                 start_timeout: float = 30.0):
+                 start_timeout: float = 30.0, client_cert_auth: bool = False):
         self.base_dir = Path(base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.tls = tls
+        self.client_cert_auth = client_cert_auth
+        self.client_cert_path = self.client_key_path = None
         self.extra_args = list(extra_args)
         self.etcd = etcd_binary("etcd")
         self.etcdctl_path = etcd_binary("etcdctl")
@@ -156,14 +166,23 @@ class EtcdCluster:
             for blob in cert.cert_chain_pems:
                 f.write(blob.bytes())
         cert.private_key_pem.write_to_path(str(self.key_path))
+        if self.client_cert_auth:
+            # A name, not only a common name: without one trustme marks an empty SAN critical,
+            # which Go refuses (x509: unhandled critical extension).
+            client = self.ca.issue_cert("client.etcd.test")
+            self.client_cert_path = self.base_dir / "client.pem"
+            self.client_key_path = self.base_dir / "client-key.pem"
+            client.cert_chain_pems[0].write_to_path(str(self.client_cert_path))
+            client.private_key_pem.write_to_path(str(self.client_key_path))
 
     def _argv(self, member: Member) -> List[str]:
-        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        initial = member.initial_cluster or ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         argv = [
             self.etcd, "--name", member.name, "--data-dir", str(member.data_dir),
             "--listen-client-urls", member.client_url, "--advertise-client-urls", member.client_url,
             "--listen-peer-urls", member.peer_url, "--initial-advertise-peer-urls", member.peer_url,
-            "--initial-cluster", initial, "--initial-cluster-state", "new",
+            "--initial-cluster", initial,
+            "--initial-cluster-state", "existing" if member.initial_cluster else "new",
             "--initial-cluster-token", f"tok-{self.base_dir.name}",
             "--heartbeat-interval", str(HEARTBEAT_INTERVAL_MS),
             "--election-timeout", str(ELECTION_TIMEOUT_MS),
@@ -172,6 +191,8 @@ class EtcdCluster:
         ]
         if self.tls:
             argv += ["--cert-file", str(self.cert_path), "--key-file", str(self.key_path)]
+        if self.client_cert_auth:
+            argv += ["--client-cert-auth", "--trusted-ca-file", str(self.ca_path)]
         return argv + self.extra_args
 
     def _spawn(self, index: int):
@@ -220,7 +241,7 @@ class EtcdCluster:
     def etcdctl_command(self, args: Sequence[str], endpoint=None):
         """The argv and environment of an etcdctl run (TLS flags added for a TLS cluster)."""
         if endpoint is None:
-            addrs = self.endpoints
+            addrs = [m.client_addr for m in self.members if not m.removed]
         elif isinstance(endpoint, int):
             addrs = [self.members[endpoint].client_addr]
         else:
@@ -231,6 +252,8 @@ class EtcdCluster:
                 "--command-timeout", ETCDCTL_COMMAND_TIMEOUT]
         if self.tls:
             argv += ["--cacert", str(self.ca_path)]
+        if self.client_cert_auth:
+            argv += ["--cert", str(self.client_cert_path), "--key", str(self.client_key_path)]
         # The caller's ETCDCTL_* variables would silently override these flags.
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
         env["ETCDCTL_API"] = "3"
@@ -242,6 +265,8 @@ class EtcdCluster:
         context = None
         if self.tls:
             context = ssl.create_default_context(cafile=str(self.ca_path))
+        if self.client_cert_auth:
+            context.load_cert_chain(str(self.client_cert_path), str(self.client_key_path))
         try:
             with urllib.request.urlopen(member.client_url + "/health", timeout=timeout,
                                         context=context) as reply:
@@ -301,6 +326,54 @@ class EtcdCluster:
             text = []
         return f"--- {member.name} (pid {member.pid}) ---\n" + "\n".join(text)
 
+    # ---- membership -----------------------------------------------------------------------
+
+    def any_running(self) -> int:
+        """The index of a running member (to send etcdctl to while others change)."""
+        for index, member in enumerate(self.members):
+            if member.running:
+                return index
+        raise AssertionError("no member is running")
+
+    def add_member(self, timeout: float = 30.0) -> int:
+        """`etcdctl member add` a new member on fresh ports, start it to join the cluster, wait
+        until it is healthy; its index. etcd refuses a new voting member until every member has
+        been connected for a few seconds ("unhealthy cluster"): that answer is retried."""
+        client_port, peer_port = free_ports(2)
+        index = len(self.members)
+        member = Member(name=f"m{index}", client_port=client_port, peer_port=peer_port,
+                        data_dir=self.base_dir / f"m{index}.etcd",
+                        log_path=self.base_dir / f"m{index}.log",
+                        scheme="https" if self.tls else "http")
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.etcdctl(["member", "add", member.name, f"--peer-urls={member.peer_url}"],
+                                  endpoint=self.any_running())
+            if result.returncode == 0:
+                break
+            if "unhealthy cluster" not in result.stderr or time.monotonic() >= deadline:
+                raise AssertionError(f"member add failed: {result.stderr}")
+            time.sleep(0.2)
+        for line in result.stdout.splitlines():
+            if line.startswith("ETCD_INITIAL_CLUSTER="):
+                member.initial_cluster = line.split("=", 1)[1].strip('"')
+        assert member.initial_cluster, result.stdout
+        self.members.append(member)
+        self._spawn(index)
+        self.wait_healthy([index], timeout=timeout)
+        listed = self.etcdctl(["member", "list", "-w", "json"], endpoint=index)
+        member.id = {m.get("name"): m["ID"] for m in json.loads(listed.stdout)["members"]}[member.name]
+        return index
+
+    def remove_member(self, index: int):
+        """`etcdctl member remove` member `index` (asked of another member), then stop it."""
+        others = [i for i, m in enumerate(self.members) if m.running and i != index]
+        result = self.etcdctl(["member", "remove", self.members[index].id_hex], endpoint=others[0])
+        if result.returncode != 0:
+            raise AssertionError(f"member remove failed: {result.stderr}")
+        self.members[index].removed = True
+        self.kill(index)
+
     # ---- faults ---------------------------------------------------------------------------
 
     def kill(self, index: int):
@@ -329,6 +402,8 @@ class EtcdCluster:
     def heal(self, timeout: float = 30.0):
         """Resume stopped members and restart dead ones, then wait until all are healthy."""
         for index, member in enumerate(self.members):
+            if member.removed:
+                continue
             if member.running:
                 self.cont(index)  # harmless if it was not stopped
             else:

@@ -112,9 +112,10 @@ def test_endpoints_lists_each_with_its_health(loop, pages, pool):
     assert status == 200 and headers["Content-Type"] == "application/json"
     rows = json.loads(body)
     assert [row["endpoint"] for row in rows] == ["127.0.0.1:2379", "member-2.etcd.test:2379", "[::1]:2379"]
-    assert rows[0] == {"endpoint": "127.0.0.1:2379", "address": "127.0.0.1", "port": 2379, "up": False,
-                       "healthy": True, "priority": 0, "weight": 1, "secure": False,
-                       "active_connections": 0, "dial_failures": 1, "last_error": 'refused "quoted"'}
+    assert rows[0] == {"endpoint": "127.0.0.1:2379", "address": "127.0.0.1", "addresses": ["127.0.0.1"],
+                       "port": 2379, "up": False, "healthy": True, "priority": 0, "weight": 1,
+                       "secure": False, "active_connections": 0, "dial_failures": 1,
+                       "last_error": 'refused "quoted"', "source": "seed"}
     assert rows[1]["address"] == "member-2.etcd.test" and rows[1]["up"] is True  # unresolved
     assert rows[2]["secure"] is True
 

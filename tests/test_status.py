@@ -29,8 +29,8 @@ from support import (IO_TIMEOUT, Gateway, closed_by_peer, fd_count, free_port, i
 from upstreams import EchoServer, RefusingPort, ScriptedServer
 
 STATUS_TIMEOUT = 5.0  # documented: a status request slower than this is dropped
-ENDPOINT_KEYS = {"endpoint", "address", "port", "up", "healthy", "priority", "weight", "secure",
-                 "active_connections", "dial_failures", "last_error"}
+ENDPOINT_KEYS = {"endpoint", "address", "addresses", "port", "up", "healthy", "priority", "weight", "secure",
+                 "active_connections", "dial_failures", "last_error", "source"}
 TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
