@@ -323,9 +323,6 @@ class Pool:
     def endpoints(self) -> List[Endpoint]:
         return list(self._order)
 
-    def health(self, endpoint: Endpoint) -> Health:
-        return self._health[endpoint.key]
-
     def healths(self) -> List[Health]:
         return [self._health[endpoint.key] for endpoint in self._order]
 

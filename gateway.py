@@ -990,6 +990,10 @@ class Relay:
         """(client to upstream, upstream to client) so far."""
         return self.up.total, self.down.total
 
+    def relays_to(self, endpoint: ep.Endpoint) -> bool:
+        """Whether this relay is connected to `endpoint` now."""
+        return self.state is RELAYING and self.endpoint.key == endpoint.key
+
     # -- dialing ---------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -2806,7 +2810,7 @@ class Connections(RelayHost):
     def evict(self, endpoint: ep.Endpoint) -> int:
         """Close the open connections to `endpoint` so that their clients reconnect elsewhere."""
         evicted = [relay for relay in self.relays
-                   if relay.state is RELAYING and relay.endpoint.key == endpoint.key]
+                   if relay.relays_to(endpoint)]
         for relay in evicted:
             relay.abort()
         return len(evicted)

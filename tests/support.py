@@ -279,3 +279,8 @@ def resolve(machine, timeout=RESOLVE_TIMEOUT):
     if machine.error is not None:
         raise machine.error
     return machine.result
+
+
+def health_of(pool, endpoint):
+    """The pool's bookkeeping for `endpoint` (tests only: the gateway reads `pool.healths()`)."""
+    return next(health for health in pool.healths() if health.endpoint.key == endpoint.key)

@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 import endpoints as ep
 import gateway
 from dnsserver import DNSTestServer
-from support import Gateway, free_port, wait_until
+from support import health_of, Gateway, free_port, wait_until
 from test_discovery_e2e import refresh_count
 
 V4 = ["10.0.0.9", "10.0.0.10", "192.0.2.1", "127.0.0.2"]
@@ -91,7 +91,7 @@ def test_pool_keeps_health_and_choice_across_a_shuffled_answer():
                 for e in endpoints]
     assert pool.replace(shuffled) == ([], [])
     assert pool.plan() == plan
-    assert not pool.health(shuffled[2]).up and pool.health(shuffled[2]).dial_failures == 1
+    assert not health_of(pool, shuffled[2]).up and health_of(pool, shuffled[2]).dial_failures == 1
 
 
 # -- what the data path dials ---------------------------------------------------------------------

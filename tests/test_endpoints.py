@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import endpoints as ep
+from support import health_of
 
 
 # -- parsing -------------------------------------------------------------------------------------
@@ -148,8 +149,8 @@ def test_mark_failed_reports_only_the_transition():
     endpoints, pool = _pool("sticky")
     assert pool.mark_failed(endpoints[1], 0.0, "x") is True
     assert pool.mark_failed(endpoints[1], 1.0, "x") is False
-    assert pool.health(endpoints[1]).dial_failures == 2
-    assert pool.health(endpoints[1]).last_error == "x"
+    assert health_of(pool, endpoints[1]).dial_failures == 2
+    assert health_of(pool, endpoints[1]).last_error == "x"
     assert pool.mark_up(endpoints[1]) is True
     assert pool.mark_up(endpoints[1]) is False
 
@@ -170,8 +171,8 @@ def test_replace_keeps_health_of_staying_endpoints():
     newcomer = ep.Endpoint("127.0.0.9", 2379, address="127.0.0.9")
     added, removed = pool.replace([endpoints[0], newcomer])
     assert added == [newcomer] and removed == endpoints[1:]
-    assert not pool.health(endpoints[0]).up
-    assert pool.health(newcomer).up
+    assert not health_of(pool, endpoints[0]).up
+    assert health_of(pool, newcomer).up
     assert not pool.contains(endpoints[1])
     assert pool.plan()[0] == newcomer
 
@@ -198,7 +199,7 @@ def test_connection_counts():
     pool.connection_opened(endpoints[0])
     pool.connection_opened(endpoints[0])
     pool.connection_closed(endpoints[0])
-    assert pool.health(endpoints[0]).active == 1
+    assert health_of(pool, endpoints[0]).active == 1
     pool.connection_closed(ep.Endpoint("gone", 1))  # removed endpoints are ignored
     assert pool.connection_opened(ep.Endpoint("gone", 1)) is False
 
@@ -206,11 +207,11 @@ def test_connection_counts():
 def test_a_connection_to_a_failed_endpoint_brings_it_back_once():
     endpoints, pool = _pool("sticky")
     pool.mark_failed(endpoints[1], 0.0, "refused")
-    assert not pool.health(endpoints[1]).up
+    assert not health_of(pool, endpoints[1]).up
     assert pool.connection_opened(endpoints[1]) is True  # its dial has just succeeded
     assert pool.connection_opened(endpoints[1]) is False
-    assert pool.health(endpoints[1]).up and pool.health(endpoints[1]).active == 2
-    assert all(pool.health(endpoint).up for endpoint in pool.plan())
+    assert health_of(pool, endpoints[1]).up and health_of(pool, endpoints[1]).active == 2
+    assert all(health_of(pool, endpoint).up for endpoint in pool.plan())
 
 
 def test_unknown_policy_is_refused():
@@ -232,13 +233,13 @@ def test_plan_always_covers_every_endpoint_exactly_once(actions, policy):
         elif action == "up":
             pool.mark_up(endpoints[index])
         elif action == "open":
-            was_down = not pool.health(endpoints[index]).up
+            was_down = not health_of(pool, endpoints[index]).up
             assert pool.connection_opened(endpoints[index]) is was_down
-            assert pool.health(endpoints[index]).up
+            assert health_of(pool, endpoints[index]).up
         plan = pool.plan()
         assert sorted(plan, key=str) == sorted(endpoints, key=str)
         if any(health.up for health in pool.healths()):
-            assert pool.health(plan[0]).up
+            assert health_of(pool, plan[0]).up
 
 
 # -- etcd-aware health checks ------------------------------------------------------------------
@@ -248,7 +249,7 @@ def test_three_failed_checks_take_an_endpoint_out_and_two_successes_bring_it_bac
     target = endpoints[0]
     checks = [pool.record_check(target, False, "no leader") for _ in range(3)]
     assert checks == [None, None, ep.HealthChange.UNHEALTHY]
-    assert not pool.health(target).healthy and pool.health(target).last_error == "no leader"
+    assert not health_of(pool, target).healthy and health_of(pool, target).last_error == "no leader"
     assert all(pool.plan()[0] != target for _ in range(30))
     assert pool.record_check(target, True) is None
     assert pool.record_check(target, False, "timeout") is None  # a failure resets the streak
@@ -259,7 +260,7 @@ def test_a_success_between_failures_prevents_flapping():
     endpoints, pool = _pool("sticky")
     for ok in (False, False, True, False, False, True):
         assert pool.record_check(endpoints[0], ok, "x") is None
-    assert pool.health(endpoints[0]).healthy
+    assert health_of(pool, endpoints[0]).healthy
 
 
 def test_when_every_endpoint_is_unhealthy_reachable_ones_still_serve():
@@ -286,4 +287,4 @@ def test_sticky_plan_is_cached_but_each_caller_gets_its_own_list():
     first.pop(0)  # a relay consumes its plan
     assert len(pool.plan()) == 3
     pool.mark_failed(pool.plan()[0], now=0.0, reason="refused")
-    assert pool.health(pool.plan()[0]).up  # the cache was dropped with the change
+    assert health_of(pool, pool.plan()[0]).up  # the cache was dropped with the change

@@ -17,6 +17,7 @@ import gateway
 import inprocess
 from dnsserver import DNSTestServer
 from inprocess import TlsPeer
+from support import health_of
 
 HOSTS = "127.0.0.1 localhost\n127.0.0.7 pinned.etcd.test\n"
 
@@ -187,7 +188,7 @@ def test_a_member_certified_for_the_domain_passes_etcd_checks_after_a_refresh_to
     loop.defer(gw.close)
     gw.health.start()
     gw.start_refreshes(found, 30.0)
-    entry = pool.health(endpoints[0])
+    entry = health_of(pool, endpoints[0])
 
     def idle():  # the clock is advanced between checks only: a jump would time one out
         return not gw.health.health_checks

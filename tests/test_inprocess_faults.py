@@ -22,6 +22,7 @@ import endpoints as ep
 import gateway
 import inprocess
 from test_inprocess_gateway import echoes, etcd_member, start_gateway, client_of, UNHEALTHY_REPLY
+from support import health_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +42,7 @@ def test_out_of_descriptors_a_probe_marks_nothing(loop):
     upstream = loop.server(inprocess.echo)
     gw = start_gateway(loop, [down, upstream.endpoint], "--retry-delay=2s")
     assert echoes(loop, client_of(loop, gw))
-    health = gw.pool.health(down)
+    health = health_of(gw.pool, down)
     failures = health.dial_failures
     member.listen(8)  # the member is back, but this host cannot open a socket to see it
     with inprocess.out_of_descriptors():
@@ -58,7 +59,7 @@ def test_out_of_descriptors_health_checks_neither_count_nor_evict(loop):
     gw = start_gateway(loop, [member.endpoint], "--health-check=etcd", "--health-interval=1s")
     client = client_of(loop, gw)
     assert echoes(loop, client)
-    health = gw.pool.health(member.endpoint)
+    health = health_of(gw.pool, member.endpoint)
     loop.run_until(lambda: health.check_failures == 1, what="the first (real) failed check")
     with inprocess.out_of_descriptors():
         for _ in range(4):  # more than failures_to_leave checks, each failing locally

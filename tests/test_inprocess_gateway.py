@@ -15,6 +15,7 @@ import endpoints as ep
 import gateway
 import inprocess
 from inprocess import Peer
+from support import health_of
 
 UNHEALTHY_REPLY = (b'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\r\n'
                    b'{"health":"false","reason":"RAFT NO LEADER"}')
@@ -74,7 +75,7 @@ def test_a_client_is_relayed_and_counted(loop):
     gw = start_gateway(loop, [upstream.endpoint])
     client = client_of(loop, gw)
     assert echoes(loop, client, b"x" * 100000)
-    health = gw.pool.health(upstream.endpoint)
+    health = health_of(gw.pool, upstream.endpoint)
     assert (gw.connections.count(), health.active, gw.stats.connections_total) == (1, 1, 1)
     assert gw.connections.live_bytes() == (100000, 100000)
     client.shutdown_write()
@@ -94,7 +95,7 @@ def test_a_refused_endpoint_is_marked_down_the_client_served_elsewhere_and_a_pro
     gw = start_gateway(loop, [down, upstream.endpoint], "--retry-delay=2s")
     client = client_of(loop, gw)
     assert echoes(loop, client)
-    health = gw.pool.health(down)
+    health = health_of(gw.pool, down)
     assert not health.up and health.last_error == "connection refused"
     assert f"warn endpoint down endpoint={down}" in loop.log_text()
 
@@ -194,11 +195,11 @@ def test_a_failed_endpoint_is_probed_after_the_retry_delay_and_comes_back(loop):
     server = loop.server(inprocess.silent)
     health, pool, _ = monitor(loop, [server.endpoint], "--retry-delay=1s")
     health.endpoint_failed(server.endpoint, "connection refused")
-    assert not pool.health(server.endpoint).up and not pool.any_usable()
+    assert not health_of(pool, server.endpoint).up and not pool.any_usable()
     loop.turns(3)
     assert not server.accepted  # not before the retry delay
     loop.clock.advance(1.0)
-    loop.run_until(lambda: pool.health(server.endpoint).up, what="the probe")
+    loop.run_until(lambda: health_of(pool, server.endpoint).up, what="the probe")
     assert not health.probing
     loop.run_until(lambda: server.accepted)  # the probe's connection, closed already
 
@@ -207,7 +208,7 @@ def test_etcd_checks_take_an_unhealthy_member_out_after_three_failures_and_back_
     reply = [UNHEALTHY_REPLY]
     member = loop.server(etcd_member(reply))
     health, pool, evicted = monitor(loop, [member.endpoint], "--health-check=etcd", "--health-interval=1s")
-    entry = pool.health(member.endpoint)
+    entry = health_of(pool, member.endpoint)
     health.start()
     for failures in (1, 2, 3):
         loop.run_until(lambda f=failures: entry.check_failures == f, what="check %d" % failures)
@@ -228,8 +229,8 @@ def test_an_unreachable_member_found_by_a_health_check_is_marked_down(loop):
     refused = loop.refusing_endpoint()
     health, pool, _ = monitor(loop, [refused], "--health-check=etcd", "--health-interval=1s")
     health.start()
-    loop.run_until(lambda: not pool.health(refused).up)
-    assert pool.health(refused).last_error == "connection refused"
+    loop.run_until(lambda: not health_of(pool, refused).up)
+    assert health_of(pool, refused).last_error == "connection refused"
 
 
 def test_an_unhealthy_members_clients_are_evicted_and_status_says_so(loop):
@@ -238,7 +239,7 @@ def test_an_unhealthy_members_clients_are_evicted_and_status_says_so(loop):
     gw.status.serve(gateway.open_listener("127.0.0.1", 0))
     client = client_of(loop, gw)
     assert echoes(loop, client)
-    entry = gw.pool.health(member.endpoint)
+    entry = health_of(gw.pool, member.endpoint)
     for failures in (1, 2):
         loop.run_until(lambda f=failures: entry.check_failures == f)
         loop.clock.advance(1.0)
