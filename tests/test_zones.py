@@ -147,6 +147,7 @@ def run_in_private_netns(call):
                           stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.root  # a private network namespace (unshare --net)
 @pytest.mark.parametrize("scenario", [
     "zone_unreachable_without_scope", "dial_addresses_reach_a_link_local_listener",
     "dns_server_flag_with_a_zone", "listen_addr_with_a_zone",
@@ -156,12 +157,14 @@ def test_in_a_private_network_namespace(scenario):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.root  # a private network namespace (unshare --net)
 def test_resolv_conf_nameserver_with_a_zone_in_a_private_network_namespace(tmp_path):
     result = run_in_private_netns("s.resolv_conf_nameserver_with_a_zone(%r)"
                                   % str(tmp_path / "resolv.conf"))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.root  # a private network namespace (unshare --net)
 def test_a_zoned_endpoint_is_relayed_in_a_private_network_namespace():
     result = run_in_private_netns("s.endpoint_with_a_zone_is_relayed()")
     assert result.returncode == 0, result.stdout + result.stderr
