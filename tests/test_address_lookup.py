@@ -3,6 +3,8 @@ a fake clock, and through the real gateway against a DNS server that drops AAAA 
 import random
 import time
 
+import pytest
+
 import dnssrv
 from dnssrv import CLASS_IN, RCODE_NXDOMAIN, TYPE_A, TYPE_AAAA, Record, ResolvConf
 from dnsserver import DNSTestServer
