@@ -161,6 +161,7 @@ def zone_with(*addresses):
                      + ["m.multi.test. 60 IN A %s" % address for address in addresses])
 
 
+@pytest.mark.slow  # waits for refresh rounds
 def test_a_refresh_that_only_shuffles_the_answer_changes_nothing():
     metrics_addr = f"127.0.0.1:{free_port()}"
     with DNSTestServer(zone_with("127.0.0.3", "127.0.0.2")) as dns, Gateway([

@@ -283,6 +283,7 @@ def test_refused_endpoint_then_next_one_serves(gateways, echo, policy):
                 gateway.log.text()
 
 
+@pytest.mark.slow  # its subject is a connect that waits
 @pytest.mark.parametrize("policy", ["round-robin", "sticky"])
 def test_blackholed_endpoint_first_client_served_within_2s(gateways, echo, policy):
     with Blackhole() as hole:
@@ -300,6 +301,7 @@ def test_blackholed_endpoint_first_client_served_within_2s(gateways, echo, polic
                 gateway.log.text()
 
 
+@pytest.mark.slow  # its subject is a connect that waits
 def test_one_slow_endpoint_is_waited_for_past_the_dial_timeout(gateways):
     """A SYN that goes unanswered (a full accept queue drops it, as a lossy link would) is sent
     again by the kernel after 1 s. With one endpoint, the attempt goes on to --connect-timeout
@@ -319,6 +321,7 @@ def test_one_slow_endpoint_is_waited_for_past_the_dial_timeout(gateways):
         assert "endpoint down" not in gateway.log.text()
 
 
+@pytest.mark.slow  # its subject is a connect that waits
 def test_no_answer_within_the_connect_timeout_closes_the_client_and_marks_the_endpoint(gateways):
     with Blackhole() as hole:
         gateway = gateways([hole.endpoint], "--dial-timeout=200ms", "--connect-timeout=1s")

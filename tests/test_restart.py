@@ -43,6 +43,9 @@ from test_pyz import build_pyz
 from test_systemd import notify_socket, receive_until
 from upstreams import EchoServer
 
+# Restarts and handovers under a client loop: each waits for processes to start on purpose.
+pytestmark = pytest.mark.slow
+
 FULL = os.environ.get("RESTART_FULL", "") not in ("", "0")
 OPS = 20000 if FULL else 3000  # connections per scenario, one per millisecond
 SWITCHES = 20 if FULL else 5  # handovers in a row
