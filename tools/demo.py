@@ -209,7 +209,8 @@ class Demo:
                               show=False, check=False)
         if result.returncode != 0:
             return None
-        leaders = {status["Status"]["leader"] for status in json.loads(result.stdout)}
+        # During an election etcd reports leader 0, which etcdctl's JSON omits ("omitempty").
+        leaders = {status["Status"].get("leader") for status in json.loads(result.stdout)}
         names = [m["name"] for m in self.members if leaders == {m["id"]}]
         return names[0] if names else None
 
