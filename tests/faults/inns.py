@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from faults.relay import stop_and_read_report
+
 TESTS = Path(__file__).resolve().parent.parent
 
 
@@ -97,16 +99,7 @@ class InNamespace:
         return self.proc.pid
 
     def stop(self, timeout: float = 15.0):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, _ = self.proc.communicate(timeout=timeout)
-        for line in out.splitlines():
-            if line.startswith("served "):
-                self.served = json.loads(line[7:])
+        self.served = stop_and_read_report(self.proc, "served ", timeout) or self.served
         return self.served
 
     def __enter__(self):

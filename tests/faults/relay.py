@@ -256,6 +256,25 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
+def stop_and_read_report(proc, prefix: str, timeout: float):
+    """SIGTERM a helper process started with stdout=PIPE (killed if it lingers) and return the
+    JSON of its last stdout line starting with `prefix` (its figures), or None."""
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate(timeout=timeout)
+    report = None
+    for line in out.splitlines():
+        if line.startswith(prefix):
+            report = json.loads(line[len(prefix):])
+    return report
+
+
 class RelayProcess:
     """Test-side handle: run this file as a child process; `.endpoint` is where it listens.
 
@@ -282,18 +301,8 @@ class RelayProcess:
         return self.proc.pid
 
     def stop(self, timeout=10.0):
-        import subprocess
-
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                out, _ = self.proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                out, _ = self.proc.communicate(timeout=timeout)
-            for line in out.splitlines():
-                if line.startswith("stats "):
-                    self.stats = json.loads(line[6:])
+            self.stats = stop_and_read_report(self.proc, "stats ", timeout) or self.stats
         return self.stats
 
     def __enter__(self):
