@@ -831,6 +831,11 @@ class Addresses(NamedTuple):
     ttl: Optional[int]             # None for literals and /etc/hosts entries
     source: str                    # "literal", "hosts" or "dns"
 
+    @property
+    def min_ttl(self) -> Optional[int]:
+        """`ttl` under the name Discovery uses: the caller schedules either result alike."""
+        return self.ttl
+
 
 class AddressLookup(_Group):
     """Resolve a host name to addresses: an IP literal as it is; /etc/hosts first, as the C
@@ -913,6 +918,13 @@ class SRVEndpoint(NamedTuple):
 class Discovery(NamedTuple):
     endpoints: Tuple[SRVEndpoint, ...]   # in the order of `names`, then of each SRV answer
     problems: Tuple[str, ...]            # what went wrong on the way, for the logs
+
+    @property
+    def min_ttl(self) -> Optional[int]:
+        """The smallest TTL of the records behind `endpoints` (SRV, CNAME, A/AAAA or glue): when
+        the first of them may have changed.  Negative answers (a name without records) and the
+        records of targets that did not resolve are not counted; None if nothing had a TTL."""
+        return _min_ttl(endpoint.ttl for endpoint in self.endpoints if endpoint.ttl is not None)
 
 
 def _glue(answer: Answer, target: str) -> Tuple[Tuple[str, ...], Optional[int]]:
