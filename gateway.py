@@ -81,6 +81,10 @@ DEFAULT_BUSY_POLL_SECONDS = 50e-6
 # 8 s lets four of them try. At 10 % loss each way a handshake try fails 19 % of the time: three
 # tries (a 5 s budget) leave 1 client in 145 without an upstream, four leave 1 in 770.
 DEFAULT_CONNECT_TIMEOUT = 8.0
+# Every periodic request is multiplied by the fleet (STYLE 14): each period is drawn at random
+# within this fraction of itself, and the first one anywhere in a whole period, so a fleet
+# restarted at once neither checks, probes nor resolves in step (docs/FLEET.md).
+FLEET_JITTER = 0.1
 LOCAL_RETRY_TIMEOUT = 30.0  # how long an accepted client may wait for a descriptor to dial with
 KEEPALIVE_SECONDS = 15  # the Go gateway's net.Dialer/ListenConfig default
 LISTEN_BACKLOG = 4096
@@ -2220,10 +2224,12 @@ class HealthMonitor:
     """Whether each endpoint may take clients. An endpoint whose dial failed is down until a
     probe (a plain connect, after --retry-delay) reaches it again; with --health-check etcd every
     endpoint's GET /health is also checked every --health-interval, and one that turns unhealthy
-    has its connections evicted (through `evict`)."""
+    has its connections evicted (through `evict`). Both paces are jittered with `rng`."""
 
-    def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, options, tls_context, evict):
+    def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, options, tls_context, evict,
+                 rng: Optional[random.Random] = None):
         self.reactor = reactor
+        self.rng = rng or random.Random()
         self.pool = pool
         self.log = log
         self.dial_timeout = options.dial_timeout
@@ -2251,11 +2257,14 @@ class HealthMonitor:
         if deadline is None:
             return
         if self.probe_timer is not None and not self.probe_timer.cancelled:
-            if self.probe_timer.when <= deadline:
-                return
+            if self.probe_timer.when <= deadline + FLEET_JITTER * self.pool.retry_delay:
+                return  # due within the jitter anyway; what is not due yet is rescheduled then
             self.reactor.cancel(self.probe_timer)
-        # --retry-delay=0 (as Go allows) must not turn probing into a busy loop.
+        # --retry-delay=0 (as Go allows) must not turn probing into a busy loop. A fleet sees a
+        # member fail at about the same moment: a random part of the retry delay added (never
+        # taken off: the endpoint stays out for --retry-delay) keeps their probes apart.
         delay = max(MIN_INTERVAL_SECONDS * 10, deadline - self.reactor.clock())
+        delay += self.rng.uniform(0.0, FLEET_JITTER * self.pool.retry_delay)
         self.probe_timer = self.reactor.call_later(delay, self._run_probes)
 
     def _run_probes(self) -> None:
@@ -2297,8 +2306,9 @@ class HealthMonitor:
     # -- etcd-aware health checks (--health-check etcd) ----------------------------------------------
 
     def start(self) -> None:
-        if self.health_check == "etcd":
-            self.check_timer = self.reactor.call_later(0.0, self._run_health_checks)
+        if self.health_check == "etcd":  # a random phase: a fleet restarted at once spreads out
+            self.check_timer = self.reactor.call_later(self.health_interval * self.rng.random(),
+                                                       self._run_health_checks)
 
     def stop_checks(self) -> None:
         self.reactor.cancel(self.check_timer)
@@ -2315,7 +2325,9 @@ class HealthMonitor:
                           connect_timeout=self.connect_timeout)
             self.health_checks[endpoint.key] = probe
             probe.start()
-        self.check_timer = self.reactor.call_later(self.health_interval, self._run_health_checks)
+        # Jittered every time, so gateways that fell in step (a shared stall) drift apart again.
+        delay = self.health_interval * self.rng.uniform(1.0 - FLEET_JITTER, 1.0 + FLEET_JITTER)
+        self.check_timer = self.reactor.call_later(delay, self._run_health_checks)
 
     def _health_checked(self, probe: Probe, ok: bool, reply: bytes, reason: str) -> None:
         endpoint = probe.endpoint
@@ -2355,13 +2367,16 @@ class Gateway:
     """The glue: the proxy port's connections, the health monitor and the status pages share one
     endpoint pool; the gateway adds what spans them: discovery refresh, signals and shutdown."""
 
-    def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, options, tls_context=None):
+    def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, options, tls_context=None,
+                 rng: Optional[random.Random] = None):
         self.reactor = reactor
         self.pool = pool
         self.log = log
+        self.rng = rng or random.Random()
         self.shutdown_timeout = options.shutdown_timeout
         self.stats = Stats()
-        self.health = HealthMonitor(reactor, pool, log, options, tls_context, self._evict)
+        self.health = HealthMonitor(reactor, pool, log, options, tls_context, self._evict,
+                                    self.rng)
         self.connections = Connections(reactor, pool, log, self.stats, options,
                                        DataPath(splice_enabled()), self.health)
         self.status = StatusPages(reactor, log, pool, self.stats, self.connections)
