@@ -85,6 +85,9 @@ DEFAULT_CONNECT_TIMEOUT = 8.0
 # within this fraction of itself, and the first one anywhere in a whole period, so a fleet
 # restarted at once neither checks, probes nor resolves in step (docs/FLEET.md).
 FLEET_JITTER = 0.1
+# Discovery is refreshed before the smallest TTL of the records in use runs out, but not more
+# often than this (less the jitter): 10,000 hosts every 5 s already ask 2,000 rounds a second.
+MIN_TTL_REFRESH_DELAY = 5.0
 LOCAL_RETRY_TIMEOUT = 30.0  # how long an accepted client may wait for a descriptor to dial with
 KEEPALIVE_SECONDS = 15  # the Go gateway's net.Dialer/ListenConfig default
 LISTEN_BACKLOG = 4096
@@ -1866,7 +1869,8 @@ class EndpointSource:
     glue, A/AAAA) and, unless --insecure-discovery, only `_etcd-client-ssl` records whose member
     completes a verified TLS handshake for the target name or the discovery domain. Without it:
     the --endpoints, host names resolved with /etc/hosts and DNS. `refresh(on_done)` runs one
-    round and calls `on_done(endpoints, None)` or `on_done(None, reason)`.
+    round and calls `on_done(endpoints, None)` or `on_done(None, reason)`; after a round's DNS
+    answers, `min_ttl` is the smallest TTL of their records (None: none had one).
     """
 
     def __init__(self, reactor: Reactor, options, tls_context, resolv_conf_path: str = "/etc/resolv.conf",
@@ -1879,6 +1883,7 @@ class EndpointSource:
         self.use_srv = bool(options.discovery_srv)
         self.validated = set()  # (target, port, address) that passed TLS validation once
         self.pending = []
+        self.min_ttl = None
 
     @property
     def dynamic(self) -> bool:
@@ -1944,6 +1949,8 @@ class EndpointSource:
                 on_done(None, "cannot resolve endpoint %s: %s" % (endpoints[index], machine.error))
                 return
             endpoints[index] = endpoints[index]._replace(address=machine.result.addresses[0])
+        ttls = [m.result.min_ttl for m in results.values() if m.result.min_ttl is not None]
+        self.min_ttl = min(ttls) if ttls else None
         on_done(endpoints, None)
 
     def _srv_done(self, machine, names, on_done) -> None:
@@ -1952,6 +1959,7 @@ class EndpointSource:
         if machine.error is not None:
             on_done(None, "DNS SRV discovery found nothing: %s" % machine.error)
             return
+        self.min_ttl = machine.result.min_ttl
         candidates, rejected = [], list(machine.result.problems)
         for record in machine.result.endpoints:
             endpoint = ep.Endpoint(record.target, record.port, record.priority, record.weight,
@@ -2363,9 +2371,20 @@ class HealthMonitor:
         self.health_checks.clear()
 
 
+def refresh_pace(interval: float, min_ttl: Optional[float]) -> float:
+    """How long the endpoints found may be used before discovery runs again: --discovery-refresh
+    (`interval`, > 0), or the smallest TTL of the records in use when that is sooner, but never
+    under MIN_TTL_REFRESH_DELAY unless `interval` itself is (a TTL of 0 or 1 must not make a
+    fleet hammer its resolvers). None: no TTL known (IP literals, /etc/hosts)."""
+    if min_ttl is None:
+        return interval
+    return min(interval, max(float(min_ttl), MIN_TTL_REFRESH_DELAY))
+
+
 class Gateway:
     """The glue: the proxy port's connections, the health monitor and the status pages share one
-    endpoint pool; the gateway adds what spans them: discovery refresh, signals and shutdown."""
+    endpoint pool; the gateway adds what spans them: discovery refresh, signals and shutdown.
+    `rng` jitters every periodic request (refreshes here, checks and probes in the monitor)."""
 
     def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, options, tls_context=None,
                  rng: Optional[random.Random] = None):
@@ -2385,6 +2404,7 @@ class Gateway:
         self.refreshing = False
         self.refresh_timer = None
         self.refresh_interval = 0.0
+        self.records_ttl = None  # the smallest TTL of the records behind the set in use
 
     def _evict(self, endpoint: ep.Endpoint) -> int:
         return self.connections.evict(endpoint)
@@ -2394,13 +2414,19 @@ class Gateway:
     def start_refreshes(self, source: EndpointSource, interval: float) -> None:
         self.source = source
         self.refresh_interval = interval
-        self._arm_refresh()
+        self.records_ttl = source.min_ttl  # from the round at start-up
+        self._arm_refresh(first=True)
 
-    def _arm_refresh(self) -> None:
+    def _arm_refresh(self, first: bool = False) -> None:
+        """The next refresh: by the records' TTL, --discovery-refresh at the longest (see
+        `refresh_pace`); the first one after start-up anywhere in that pace, so that a fleet
+        started at once spreads out, the others up to FLEET_JITTER sooner, never later."""
         self.reactor.cancel(self.refresh_timer)
         self.refresh_timer = None
         if self.refresh_interval > 0 and not self.shutting_down:
-            self.refresh_timer = self.reactor.call_later(self.refresh_interval, self.refresh_now)
+            pace = refresh_pace(self.refresh_interval, self.records_ttl)
+            delay = pace * self.rng.uniform(0.0 if first else 1.0 - FLEET_JITTER, 1.0)
+            self.refresh_timer = self.reactor.call_later(delay, self.refresh_now)
 
     def refresh_now(self, signum: int = 0) -> None:
         if self.source is None:
@@ -2431,6 +2457,7 @@ class Gateway:
                              endpoints=[str(e) for e in self.pool.endpoints])
         else:
             self.stats.refresh_ok += 1
+            self.records_ttl = self.source.min_ttl  # a failed round keeps the pace of the set kept
             self.apply_endpoints(endpoints)
         self._arm_refresh()
 

@@ -1,30 +1,37 @@
 """Fleet awareness (issue 14): the gateway runs on every host, so whatever it sends on a timer is
-multiplied by the fleet. Health checks ask etcd's serializable /health; health checks and probes
-of failed endpoints are jittered.
+multiplied by the fleet. Health checks ask etcd's serializable /health; health checks, probes of
+failed endpoints and discovery refreshes are jittered; discovery follows the records' TTL.
 
-In-process tests drive HealthMonitor with a fake clock and a seeded random.Random and read the
-reactor's timers instead of waiting; a simulated fleet of gateways started in the same instant
-shows the spread. Loopback tests run the gateway as a process against a scripted HTTP upstream
-(the request line it sends, the replies it parses) and against real etcd 3.5.1 (which ignores
-`serializable`).
+In-process tests drive HealthMonitor and Gateway with a fake clock and a seeded random.Random
+and read the reactor's timers instead of waiting; a simulated fleet of gateways started in the
+same instant shows the spread. Loopback tests run the gateway as a process: against a scripted
+HTTP upstream (the request line it sends, the replies it parses), against the real DNS server of
+the discovery tests (a TTL just above the floor is resolved again within that TTL although
+--discovery-refresh is 30 s) and against real etcd 3.5.1 (which ignores `serializable`).
 """
 import io
 import json
 import random
 import socket
 import threading
+import time
 import urllib.request
 
 import pytest
+from hypothesis import given, strategies as st
 
+import dnssrv
 import endpoints as ep
 import gateway
+from dnsserver import DNSTestServer
 from etcd_cluster import etcd_cluster  # noqa: F401  (fixture)
+from support import free_port
+from test_discovery_e2e import DiscoveryGateway, set_zone
 from test_status import StatusGateway, endpoints_of
 
 JITTER = gateway.FLEET_JITTER
+FLOOR = gateway.MIN_TTL_REFRESH_DELAY
 EVENT_TIMEOUT = 20.0  # waiting for a log line: only "did not hang"
-
 
 
 class FakeClock:
@@ -165,6 +172,105 @@ def test_a_probe_due_later_than_the_timer_is_not_lost():
     close_all(monitor, reactor)
 
 
+# ---- discovery refresh pace ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("interval, min_ttl, pace", [
+    (30.0, None, 30.0),     # no TTL known (IP literals, /etc/hosts): --discovery-refresh
+    (30.0, 7, 7.0),         # a record expires sooner: its TTL
+    (30.0, 2, FLOOR),       # a tiny TTL: the floor
+    (30.0, 0, FLOOR),
+    (30.0, 3600, 30.0),     # a long TTL: --discovery-refresh stays the longest interval
+    (1.0, 60, 1.0),         # an explicit short --discovery-refresh is kept, floor or not
+])
+def test_refresh_pace(interval, min_ttl, pace):
+    assert gateway.refresh_pace(interval, min_ttl) == pace
+
+
+@given(st.floats(0.001, 86400.0), st.one_of(st.none(), st.integers(0, 2 ** 31 - 1)))
+def test_refresh_pace_stays_between_the_floor_and_the_interval(interval, min_ttl):
+    pace = gateway.refresh_pace(interval, min_ttl)
+    assert min(interval, FLOOR) <= pace <= interval
+    if min_ttl is not None:
+        assert pace <= max(min_ttl, FLOOR)
+
+
+class ScriptedSource:
+    """An EndpointSource stand-in: every round finds `endpoints` with `min_ttl` (or fails)."""
+
+    def __init__(self, clock, endpoints, min_ttl):
+        self.clock, self.endpoints, self.min_ttl = clock, endpoints, min_ttl
+        self.rounds, self.error = [], None
+
+    def refresh(self, on_done):
+        self.rounds.append(self.clock.now)
+        if self.error:
+            on_done(None, self.error)
+        else:
+            on_done(list(self.endpoints), None)
+
+    def cancel(self):
+        pass
+
+
+def refreshing_gateway(seed, min_ttl, interval):
+    clock = FakeClock()
+    reactor = gateway.Reactor(clock=clock)
+    options = gateway.parse_args(["start", "--discovery-refresh=%gs" % interval])
+    endpoints = [ep.parse_endpoint("10.0.0.1:2379")]
+    pool = ep.Pool(endpoints, "sticky", options.retry_delay, random.Random(0))
+    gw = gateway.Gateway(reactor, pool, quiet_log(), options, rng=random.Random(seed))
+    source = ScriptedSource(clock, endpoints, min_ttl)
+    gw.start_refreshes(source, options.discovery_refresh)
+    return clock, reactor, gw, source
+
+
+def gaps(times):
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+@pytest.mark.parametrize("min_ttl, pace", [(7, 7.0), (2, FLOOR), (None, 30.0), (3600, 30.0)])
+def test_refreshes_come_within_the_ttl_and_jittered(min_ttl, pace):
+    for seed in range(20):
+        clock, reactor, gw, source = refreshing_gateway(seed, min_ttl, 30.0)
+        run_timers_until(reactor, clock, 300.0)
+        # The first anywhere within one pace of start-up, the others 0.9-1 pace apart: never
+        # later than the TTL or --discovery-refresh.
+        assert 0.0 <= source.rounds[0] <= pace
+        assert all((1 - JITTER) * pace - 1e-9 <= g <= pace for g in gaps(source.rounds))
+        close_all(gw, reactor)
+
+
+def test_the_pace_follows_the_last_good_round():
+    clock, reactor, gw, source = refreshing_gateway(1, 7, 30.0)
+    run_timers_until(reactor, clock, 20.0)
+    source.error = "SERVFAIL"  # a failed round keeps the pace of the records still in use
+    run_timers_until(reactor, clock, 40.0)
+    failed = [t for t in source.rounds if t > 20.0]
+    assert len(failed) >= 2 and all(g <= 7.0 for g in gaps(failed))
+    source.error, source.min_ttl = None, 3600  # the records now live long: back to 30 s
+    run_timers_until(reactor, clock, 200.0)
+    late = [t for t in source.rounds if t > 80.0]
+    assert late and all((1 - JITTER) * 30.0 - 1e-9 <= g <= 30.0 for g in gaps(late))
+    close_all(gw, reactor)
+
+
+def test_discovery_refresh_0_still_means_start_up_only():
+    clock, reactor, gw, source = refreshing_gateway(1, 7, 0.0)
+    assert gw.refresh_timer is None
+    run_timers_until(reactor, clock, 600.0)
+    assert source.rounds == []
+    close_all(gw, reactor)
+
+
+def test_dns_results_tell_their_smallest_ttl():
+    srv = [dnssrv.SRVEndpoint("m%d.example.com" % i, ("10.0.0.%d" % i,), 2379, 0, 1, True, ttl)
+           for i, ttl in enumerate((60, 15, None, 30))]
+    assert dnssrv.Discovery(tuple(srv), ()).min_ttl == 15
+    assert dnssrv.Discovery((), ()).min_ttl is None
+    assert dnssrv.Addresses("m1", ("10.0.0.1",), 9, "dns").min_ttl == 9
+    assert dnssrv.Addresses("m1", ("10.0.0.1",), None, "hosts").min_ttl is None
+
+
 # ---- loopback: a scripted etcd /health ------------------------------------------------------------
 
 class HealthUpstream:
@@ -239,6 +345,37 @@ def test_the_gateway_asks_a_serializable_health_and_acts_on_the_reply():
         lines = head.split("\r\n")
         assert lines[0] == "GET /health?serializable=true HTTP/1.1", head
         assert "Host: %s" % member.endpoint in lines and "Connection: close" in lines, head
+
+
+# ---- loopback: the real DNS server of the discovery tests ---------------------------------------
+
+def test_a_ttl_just_above_the_floor_is_resolved_again_within_it():
+    ttl, domain = 6, "ttl.test"  # MIN_TTL_REFRESH_DELAY (5 s) < 6 s, far below 30 s
+    srv_name = "_etcd-client._tcp." + domain
+    zone = "\n".join([
+        f"{domain}. {ttl} IN SOA ns.{domain}. admin.{domain}. 1 60 60 60 60",
+        f"{srv_name}. {ttl} IN SRV 0 1 {free_port()} m0.{domain}.",
+        f"m0.{domain}. {ttl} IN A 127.0.0.1"])
+
+    def asked(dns):
+        return sum(1 for _, name, qtype in dns.seen() if (name, qtype) == (srv_name, "SRV"))
+
+    with DNSTestServer() as dns:
+        set_zone(dns, zone)
+        with DiscoveryGateway(domain, "--insecure-discovery", "--discovery-refresh", "30s",
+                              dns=dns):
+            rounds, count = [time.monotonic()], asked(dns)  # start-up's round came before ready
+            deadline = rounds[0] + 4 * ttl + 10
+            while len(rounds) < 4 and time.monotonic() < deadline:
+                if asked(dns) > count:
+                    count = asked(dns)
+                    rounds.append(time.monotonic())
+                time.sleep(0.02)
+    slack = 1.0  # a loaded machine; the refresh's own timer is exact to a millisecond
+    assert len(rounds) == 4, rounds
+    assert rounds[1] - rounds[0] <= ttl + slack  # the first: a random phase within the TTL
+    for gap in gaps(rounds[1:]):
+        assert (1 - JITTER) * ttl - slack <= gap <= ttl + slack, gaps(rounds)
 
 
 # ---- real etcd 3.5.1 ------------------------------------------------------------------------------
