@@ -2323,7 +2323,10 @@ class HealthMonitor:
         self.check_timer = None
 
     def _run_health_checks(self) -> None:
-        timeout = max(self.dial_timeout, min(self.health_interval, 5.0))
+        # Over before the next tick, however jittered (0.9 intervals at the soonest): a check
+        # still running is not repeated, so a longer one would let a hung member fail only
+        # every other tick and double the time it takes to leave.
+        timeout = max(self.dial_timeout, min(self.health_interval * (1.0 - 2 * FLEET_JITTER), 5.0))
         for endpoint in self.pool.endpoints:
             if endpoint.key in self.health_checks:
                 continue  # the previous check is still running; it is bounded by its timeouts

@@ -25,7 +25,7 @@ import endpoints as ep
 import gateway
 from dnsserver import DNSTestServer
 from etcd_cluster import etcd_cluster  # noqa: F401  (fixture)
-from support import free_port
+from support import free_port, wait_until
 from test_discovery_e2e import DiscoveryGateway, set_zone
 from test_status import StatusGateway, endpoints_of
 
@@ -276,13 +276,14 @@ def test_dns_results_tell_their_smallest_ttl():
 class HealthUpstream:
     """An HTTP server standing in for an etcd member's /health: records every request head and
     answers with `reply` (status line and JSON body), then closes, as etcd does for
-    `Connection: close`."""
+    `Connection: close`. With `hang` set it accepts and answers nothing, like a frozen member;
+    `accepted` has the monotonic time of every connection."""
 
     def __init__(self):
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.endpoint = "127.0.0.1:%d" % self.sock.getsockname()[1]
         self.reply = ("200 OK", '{"health":"true","reason":""}')
-        self.heads = []
+        self.heads, self.accepted, self.hang, self._held = [], [], False, []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, daemon=True)
 
@@ -297,6 +298,8 @@ class HealthUpstream:
             pass
         self.sock.close()
         self._thread.join(10)
+        for conn in self._held:
+            conn.close()
 
     def requests(self):
         with self._lock:
@@ -308,6 +311,11 @@ class HealthUpstream:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            with self._lock:
+                self.accepted.append(time.monotonic())
+            if self.hang:
+                self._held.append(conn)
+                continue
             with conn:
                 conn.settimeout(5)
                 try:
@@ -345,6 +353,23 @@ def test_the_gateway_asks_a_serializable_health_and_acts_on_the_reply():
         lines = head.split("\r\n")
         assert lines[0] == "GET /health?serializable=true HTTP/1.1", head
         assert "Host: %s" % member.endpoint in lines and "Connection: close" in lines, head
+
+
+def test_a_hung_member_fails_every_check_not_every_other_one():
+    # The check's timeout (0.8 intervals here) ends before the soonest jittered tick (0.9), so
+    # no tick finds the previous check still running and skips: one check per interval.
+    flags = ["--health-check=etcd", "--health-interval=1s", "--dial-timeout=500ms"]
+    with HealthUpstream() as member:
+        member.hang = True
+        with StatusGateway([member.endpoint], *flags) as gw:
+            line = gw.log.wait_for(r"endpoint unhealthy endpoint=%s" % member.endpoint,
+                                   EVENT_TIMEOUT)
+            assert line and "timeout after 800ms" in line, gw.log.text()
+            first = len(member.accepted)
+            assert wait_until(lambda: len(member.accepted) >= first + 4, timeout=EVENT_TIMEOUT)
+        accepted = list(member.accepted)
+    between = gaps(accepted)
+    assert max(between) < 1.5, between  # 0.9-1.1 s apart; a skipped tick would make ~2 s
 
 
 # ---- loopback: the real DNS server of the discovery tests ---------------------------------------
