@@ -33,7 +33,10 @@ import argparse
 import http.client
 import json
 import os
+import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -156,6 +159,28 @@ class Cluster:
 # ---------------------------------------------------------------------------------------------
 # the fleet (core 1)
 
+def fleet_ports(count: int) -> List[int]:
+    """Listen ports below the ephemeral range: the gateways' own outgoing checks take ports
+    from that range, and one of them could hold a port chosen for a gateway started later."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    candidates = list(range(max(1024, ephemeral_low - 10000), ephemeral_low))
+    random.shuffle(candidates)
+    ports = []
+    for port in candidates:
+        if len(ports) == count:
+            break
+        with socket.socket() as probe:
+            try:
+                probe.bind((HOST, port))
+            except OSError:
+                continue
+        ports.append(port)
+    if len(ports) < count:
+        raise RuntimeError(f"only {len(ports)} free ports below {ephemeral_low}")
+    return ports
+
+
 def listening_ports() -> set:
     ports = set()
     with open("/proc/net/tcp") as f:
@@ -171,7 +196,7 @@ def start_fleet(started: bench.Started, cluster: Cluster, count: int,
                 interval: Optional[str], python: str) -> List[subprocess.Popen]:
     """`count` gateways started at once; returns them once every one listens."""
     endpoints = ",".join(cluster.url(port, "") for port in cluster.clients)
-    ports = [bench.free_port() for _ in range(count)]
+    ports = fleet_ports(count)
     flags = ["--health-check=etcd", "--log-level=warn"]
     if cluster.ca_path is not None:  # https:// members: the checks speak verified TLS
         flags.append(f"--trusted-ca-file={cluster.ca_path}")
@@ -371,6 +396,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise
     finally:
         started.stop_all()
+    shutil.rmtree(tmp, ignore_errors=True)
     version = subprocess.run([str(etcdbin / "etcd"), "--version"], capture_output=True,
                              text=True).stdout.splitlines()[0]
     print(f"{version}, {'TLS' if args.tls else 'plain HTTP'} client URLs; {args.window:g} s "
