@@ -75,6 +75,13 @@ def new_monitor(seed, *flags, endpoints=(), now=0.0):
 
 # ---- health checks ------------------------------------------------------------------------------
 
+def test_periodic_requests_are_fleet_sized_by_default():
+    options = gateway.parse_args(["start"])
+    assert options.health_check == "tcp"  # no periodic request at all unless asked for
+    assert options.health_interval == 30.0  # 10,000 hosts: 333 checks/s per member
+    assert options.discovery_refresh == 30.0 and options.retry_delay == 60.0
+
+
 def test_the_health_request_is_serializable():
     request = gateway.health_request(ep.parse_endpoint("10.0.0.1:2379"))
     assert request.startswith(b"GET /health?serializable=true HTTP/1.1\r\nHost: 10.0.0.1:2379\r\n")
