@@ -82,6 +82,18 @@ DEFAULT_BUSY_POLL_SECONDS = 50e-6
 # 8 s lets four of them try. At 10 % loss each way a handshake try fails 19 % of the time: three
 # tries (a 5 s budget) leave 1 client in 145 without an upstream, four leave 1 in 770.
 DEFAULT_CONNECT_TIMEOUT = 8.0
+# Every periodic request is multiplied by the fleet (STYLE 14): each period is drawn at random
+# within this fraction of itself, and the first one anywhere in a whole period, so a fleet
+# restarted at once neither checks, probes nor resolves in step (docs/FLEET.md).
+FLEET_JITTER = 0.1
+# One etcd health check costs a member about 0.4 ms of CPU (0.8 ms over TLS: each check is a
+# new connection). 10,000 hosts every 5 s would send each member 2,000 a second (0.8-1.6
+# cores, 6,000 requests/s, etcd's "large cluster" class); every 30 s, 333 a second (0.13-0.27
+# cores). The price: an up but unhealthy member leaves after 1-1.7 min (docs/FLEET.md).
+DEFAULT_HEALTH_INTERVAL = 30.0
+# Discovery is refreshed before the smallest TTL of the records in use runs out, but not more
+# often than this (less the jitter): 10,000 hosts every 5 s already ask 2,000 rounds a second.
+MIN_TTL_REFRESH_DELAY = 5.0
 LOCAL_RETRY_TIMEOUT = 30.0  # how long an accepted client may wait for a descriptor to dial with
 KEEPALIVE_SECONDS = 15  # the Go gateway's net.Dialer/ListenConfig default
 LISTEN_BACKLOG = 4096
@@ -345,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--health-check", choices=("tcp", "etcd"), default="tcp",
                      help="tcp: probe failed endpoints with a connect; etcd: also ask every "
                           "endpoint's GET /health every --health-interval (default tcp)")
-    ext.add_argument("--health-interval", type=_positive_duration_arg, default=5.0, metavar="DURATION",
-                     help="interval of etcd health checks (default 5s)")
+    ext.add_argument("--health-interval", type=_positive_duration_arg, default=DEFAULT_HEALTH_INTERVAL,
+                     metavar="DURATION", help="interval of etcd health checks (default 30s)")
     ext.add_argument("--busy-poll", type=_busy_poll_arg, default=DEFAULT_BUSY_POLL_SECONDS,
                      metavar="DURATION",
                      help="while one connection's events come alone, poll up to DURATION (at "
@@ -1516,8 +1528,15 @@ def make_tls_context(ca_file: str, cert_file: str = "", key_file: str = ""):
 
 
 def health_request(endpoint: ep.Endpoint) -> bytes:
-    return ("GET /health HTTP/1.1\r\nHost: %s\r\nUser-Agent: etcd-gateway/%s\r\n"
-            "Accept: application/json\r\nConnection: close\r\n\r\n" % (endpoint, VERSION)).encode()
+    """GET /health?serializable=true: the member answers from its own state (no alarm, a local
+    read works) instead of a linearizable read confirmed by the leader, which a fleet multiplies
+    (10,000 hosts x 3 members every 5 s: 6,000 reads/s; docs/FLEET.md). etcd < 3.5.3 ignores the
+    parameter and checks as before, RAFT NO LEADER included. From 3.5.3 on, etcd's checkLeader
+    is skipped for serializable checks: a member cut off from the quorum then still answers
+    healthy, and what these checks catch is a hung member, an alarm or a failing local read."""
+    return ("GET /health?serializable=true HTTP/1.1\r\nHost: %s\r\nUser-Agent: etcd-gateway/%s\r\n"
+            "Accept: application/json\r\nConnection: close\r\n\r\n"
+            % (endpoint, VERSION)).encode()
 
 
 def parse_health_reply(reply: bytes):
@@ -2021,7 +2040,8 @@ class EndpointSource:
     glue, A/AAAA) and, unless --insecure-discovery, only `_etcd-client-ssl` records whose member
     completes a verified TLS handshake for the target name or the discovery domain. Without it:
     the --endpoints, host names resolved with /etc/hosts and DNS. `refresh(on_done)` runs one
-    round and calls `on_done(endpoints, None)` or `on_done(None, reason)`.
+    round and calls `on_done(endpoints, None)` or `on_done(None, reason)`; after a round's DNS
+    answers, `min_ttl` is the smallest TTL of their records (None: none had one).
     """
 
     def __init__(self, reactor: Reactor, options, tls_context, resolv_conf_path: str = "/etc/resolv.conf",
@@ -2035,6 +2055,7 @@ class EndpointSource:
         # (target, port, address) that passed TLS validation once -> the name it passed for
         self.validated = {}
         self.pending = []
+        self.min_ttl = None
 
     @property
     def dynamic(self) -> bool:
@@ -2107,6 +2128,8 @@ class EndpointSource:
                 on_done(None, "cannot resolve endpoint %s: %s" % (endpoints[index], machine.error))
                 return
             endpoints[index] = endpoints[index].with_addresses(machine.result.addresses)
+        ttls = [m.result.min_ttl for m in results.values() if m.result.min_ttl is not None]
+        self.min_ttl = min(ttls) if ttls else None
         on_done(endpoints, None)
 
     def _srv_done(self, machine, names, on_done) -> None:
@@ -2115,6 +2138,7 @@ class EndpointSource:
         if machine.error is not None:
             on_done(None, "DNS SRV discovery found nothing: %s" % machine.error)
             return
+        self.min_ttl = machine.result.min_ttl
         candidates, rejected = [], list(machine.result.problems)
         for record in machine.result.endpoints:
             endpoint = ep.Endpoint(record.target, record.port, record.priority, record.weight,
@@ -2853,10 +2877,12 @@ class HealthMonitor:
     """Whether each endpoint may take clients. An endpoint whose dial failed is down until a
     probe (a plain connect, after --retry-delay) reaches it again; with --health-check etcd every
     endpoint's GET /health is also checked every --health-interval, and one that turns unhealthy
-    has its connections evicted (through `evict`)."""
+    has its connections evicted (through `evict`). Both paces are jittered with `rng`."""
 
-    def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, options, tls_context, evict):
+    def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, options, tls_context, evict,
+                 rng: Optional[random.Random] = None):
         self.reactor = reactor
+        self.rng = rng or random.Random()
         self.pool = pool
         self.log = log
         self.dial_timeout = options.dial_timeout
@@ -2885,11 +2911,14 @@ class HealthMonitor:
         if deadline is None:
             return
         if self.probe_timer is not None and not self.probe_timer.cancelled:
-            if self.probe_timer.when <= deadline:
-                return
+            if self.probe_timer.when <= deadline + FLEET_JITTER * self.pool.retry_delay:
+                return  # due within the jitter anyway; what is not due yet is rescheduled then
             self.reactor.cancel(self.probe_timer)
-        # --retry-delay=0 (as Go allows) must not turn probing into a busy loop.
+        # --retry-delay=0 (as Go allows) must not turn probing into a busy loop. A fleet sees a
+        # member fail at about the same moment: a random part of the retry delay added (never
+        # taken off: the endpoint stays out for --retry-delay) keeps their probes apart.
         delay = max(MIN_INTERVAL_SECONDS * 10, deadline - self.reactor.clock())
+        delay += self.rng.uniform(0.0, FLEET_JITTER * self.pool.retry_delay)
         self.probe_timer = self.reactor.call_later(delay, self._run_probes)
 
     def _run_probes(self) -> None:
@@ -2931,15 +2960,19 @@ class HealthMonitor:
     # -- etcd-aware health checks (--health-check etcd) ----------------------------------------------
 
     def start(self) -> None:
-        if self.health_check == "etcd":
-            self.check_timer = self.reactor.call_later(0.0, self._run_health_checks)
+        if self.health_check == "etcd":  # a random phase: a fleet restarted at once spreads out
+            self.check_timer = self.reactor.call_later(self.health_interval * self.rng.random(),
+                                                       self._run_health_checks)
 
     def stop_checks(self) -> None:
         self.reactor.cancel(self.check_timer)
         self.check_timer = None
 
     def _run_health_checks(self) -> None:
-        timeout = max(self.dial_timeout, min(self.health_interval, 5.0))
+        # Over before the next tick, however jittered (0.9 intervals at the soonest): a check
+        # still running is not repeated, so a longer one would let a hung member fail only
+        # every other tick and double the time it takes to leave.
+        timeout = max(self.dial_timeout, min(self.health_interval * (1.0 - 2 * FLEET_JITTER), 5.0))
         for endpoint in self.pool.endpoints:
             if endpoint.key in self.health_checks:
                 continue  # the previous check is still running; it is bounded by its timeouts
@@ -2949,7 +2982,9 @@ class HealthMonitor:
                           connect_timeout=self.connect_timeout)
             self.health_checks[endpoint.key] = probe
             probe.start()
-        self.check_timer = self.reactor.call_later(self.health_interval, self._run_health_checks)
+        # Jittered every time, so gateways that fell in step (a shared stall) drift apart again.
+        delay = self.health_interval * self.rng.uniform(1.0 - FLEET_JITTER, 1.0 + FLEET_JITTER)
+        self.check_timer = self.reactor.call_later(delay, self._run_health_checks)
 
     def _health_checked(self, probe: Probe, ok: bool, reply: bytes, reason: str) -> None:
         endpoint = probe.endpoint
@@ -2988,18 +3023,32 @@ class HealthMonitor:
         self.health_checks.clear()
 
 
+def refresh_pace(interval: float, min_ttl: Optional[float]) -> float:
+    """How long the endpoints found may be used before discovery runs again: --discovery-refresh
+    (`interval`, > 0), or the smallest TTL of the records in use when that is sooner, but never
+    under MIN_TTL_REFRESH_DELAY unless `interval` itself is (a TTL of 0 or 1 must not make a
+    fleet hammer its resolvers). None: no TTL known (IP literals, /etc/hosts)."""
+    if min_ttl is None:
+        return interval
+    return min(interval, max(float(min_ttl), MIN_TTL_REFRESH_DELAY))
+
+
 class Gateway:
     """The glue: the proxy port's connections, the health monitor, member sync and the status
     pages share one endpoint pool; the gateway adds what spans them: discovery refresh, signals
-    and shutdown."""
+    and shutdown. `rng` jitters every periodic request (refreshes here, checks and probes in the
+    monitor)."""
 
-    def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, options, tls_context=None):
+    def __init__(self, reactor: Reactor, pool: ep.Pool, log: Log, options, tls_context=None,
+                 rng: Optional[random.Random] = None):
         self.reactor = reactor
         self.pool = pool
         self.log = log
+        self.rng = rng or random.Random()
         self.shutdown_timeout = options.shutdown_timeout
         self.stats = Stats()
-        self.health = HealthMonitor(reactor, pool, log, options, tls_context, self._evict)
+        self.health = HealthMonitor(reactor, pool, log, options, tls_context, self._evict,
+                                    self.rng)
         self.connections = Connections(reactor, pool, log, self.stats, options,
                                        DataPath(splice_enabled()), self.health)
         self.sync = None
@@ -3013,6 +3062,7 @@ class Gateway:
         self.refreshing = False
         self.refresh_timer = None
         self.refresh_interval = 0.0
+        self.records_ttl = None  # the smallest TTL of the records behind the set in use
 
     def _evict(self, endpoint: ep.Endpoint) -> int:
         return self.connections.evict(endpoint)
@@ -3022,13 +3072,19 @@ class Gateway:
     def start_refreshes(self, source: EndpointSource, interval: float) -> None:
         self.source = source
         self.refresh_interval = interval
-        self._arm_refresh()
+        self.records_ttl = source.min_ttl  # from the round at start-up
+        self._arm_refresh(first=True)
 
-    def _arm_refresh(self) -> None:
+    def _arm_refresh(self, first: bool = False) -> None:
+        """The next refresh: by the records' TTL, --discovery-refresh at the longest (see
+        `refresh_pace`); the first one after start-up anywhere in that pace, so that a fleet
+        started at once spreads out, the others up to FLEET_JITTER sooner, never later."""
         self.reactor.cancel(self.refresh_timer)
         self.refresh_timer = None
         if self.refresh_interval > 0 and not self.shutting_down:
-            self.refresh_timer = self.reactor.call_later(self.refresh_interval, self.refresh_now)
+            pace = refresh_pace(self.refresh_interval, self.records_ttl)
+            delay = pace * self.rng.uniform(0.0 if first else 1.0 - FLEET_JITTER, 1.0)
+            self.refresh_timer = self.reactor.call_later(delay, self.refresh_now)
 
     def refresh_now(self, signum: int = 0) -> None:
         if signum and self.sync is not None:
@@ -3061,6 +3117,8 @@ class Gateway:
                              endpoints=[str(e) for e in self.pool.endpoints])
         else:
             self.stats.refresh_ok += 1
+            # a failed round keeps the pace of the set kept
+            self.records_ttl = self.source.min_ttl if self.source is not None else None
             if self.sync is not None:  # the seeds change; the synced set stays
                 endpoints = self.sync.set_seeds(endpoints)
             self.apply_endpoints(endpoints)

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.etcd
 
 ETCD_MODE = ["--health-check=etcd", "--health-interval=1s", "--dial-timeout=500ms",
              "--policy=sticky"]
-# 3 failed checks of 1 s each (the check timeout is the interval): about 3-4 s. The bound is a
+# 3 failed checks 0.9-1.1 s apart, each timing out after 0.8 s: about 3-4 s. The bound is a
 # generous "within a few seconds", far below what a hung member would cost a client otherwise.
 LEAVE_WITHIN = 10.0
 EVENT_TIMEOUT = 20.0  # waiting for a log line: only "did not hang"

@@ -127,7 +127,8 @@ def test_a_probe_sends_its_request_and_reads_the_reply_until_eof(loop):
     loop.run_until(lambda: done)
     assert done == [(health, True, HEALTHY_REPLY, "", False)]
     assert server.accepted[0].received == request
-    assert request.startswith(b"GET /health HTTP/1.1\r\nHost: %s\r\n" % str(server.endpoint).encode())
+    host = str(server.endpoint).encode()
+    assert request.startswith(b"GET /health?serializable=true HTTP/1.1\r\nHost: %s\r\n" % host)
     assert gateway.parse_health_reply(done[0][2]) == (True, "")
 
 
@@ -268,5 +269,5 @@ def test_parse_health_reply(reply, expected):
 
 def test_health_request_names_the_endpoint_and_closes():
     request = gateway.health_request(ep.parse_endpoint("[::1]:2379"))
-    assert request.startswith(b"GET /health HTTP/1.1\r\nHost: [::1]:2379\r\n")
+    assert request.startswith(b"GET /health?serializable=true HTTP/1.1\r\nHost: [::1]:2379\r\n")
     assert b"\r\nConnection: close\r\n" in request and request.endswith(b"\r\n\r\n")

@@ -99,7 +99,7 @@ class InNamespace:
         return self.proc.pid
 
     def stop(self, timeout: float = 15.0):
-        self.served = stop_and_read_report(self.proc, "served ", timeout) or self.served
+        self.served = stop_and_read_report(self.proc, "served ", timeout) or getattr(self, "served", None)
         return self.served
 
     def __enter__(self):
