@@ -33,6 +33,7 @@ TEST_TOOLS = {
     # installed, never started
     "systemd-analyze": "systemd",
     "systemd-socket-activate": "systemd",
+    "kill": "procps",             # /bin/kill, the unit's ExecReload, which systemd-analyze checks
 }
 # Debian's pip checks PyPI's certificate against the system's CAs (it does not carry its own).
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
