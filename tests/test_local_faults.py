@@ -29,7 +29,8 @@ def refreshes(metrics_addr):
 
 
 def in_mount_namespace_of(pid, *argv):
-    subprocess.run(["nsenter", "-t", str(pid), "-m", *argv], check=True, capture_output=True,
+    # -r: the gateway's root too (in a chroot, the namespace's own root is the host's /)
+    subprocess.run(["nsenter", "-t", str(pid), "-m", "-r", *argv], check=True, capture_output=True,
                    timeout=30)
 
 
