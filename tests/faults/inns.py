@@ -20,8 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-from faults.relay import stop_and_read_report
-
 TESTS = Path(__file__).resolve().parent.parent
 
 
@@ -88,6 +86,7 @@ class InNamespace:
             list(exec_prefix) + [sys.executable, __file__, "echo", host, str(count)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()  # printed once every server listens, or the process died
+        self.served = None
         if not line.startswith("endpoints "):
             self.stop()
             raise RuntimeError(f"echo servers did not start: {line!r} {self.proc.stderr.read()}")
@@ -99,7 +98,10 @@ class InNamespace:
         return self.proc.pid
 
     def stop(self, timeout: float = 15.0):
-        self.served = stop_and_read_report(self.proc, "served ", timeout) or getattr(self, "served", None)
+        # Imported here: this file also runs as a script in the namespace, without the package.
+        from faults.relay import stop_and_read_report
+
+        self.served = stop_and_read_report(self.proc, "served ", timeout) or self.served
         return self.served
 
     def __enter__(self):
