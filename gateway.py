@@ -1328,7 +1328,7 @@ class Relay:
             if sock is None:
                 continue
             if mask:
-                self.reactor.unregister(sock)
+                self.reactor.unregister(sock, closing=True)
             if reset:
                 abort(sock)
             else:
