@@ -67,6 +67,10 @@ HIGH_WATER_BYTES = 256 * 1024
 LOW_WATER_BYTES = 64 * 1024
 RECV_CHUNK_BYTES = 256 * 1024
 SPLICE_PIPE_BYTES = 256 * 1024
+# A flow copies (recv_into, send) until one read brings this much, and splices from then on: small
+# messages cost the same two system calls either way, but a splice takes a pipe, and the kernel
+# time per message was about equal at 1-4 KiB and lower for splice from 64 KiB (/tmp/perfw/micro.py).
+SPLICE_MIN_BYTES = 16 * 1024
 PIPE_TRIM_DELAY = 1.0  # idle this long (no connection at all): close the spare pipes
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE_DELAY = 0.25  # after EMFILE/ENFILE: the pending connections wait in the backlog
@@ -912,10 +916,12 @@ class DataPath:
 
 class Flow:
     """One direction of a relay: bytes read from `src` and queued for `dst`, either in `queue`
-    (recv/send) or in a pipe (`piped` bytes, splice)."""
+    (recv/send) or in a pipe (`piped` bytes, splice). It splices once it has carried bulk
+    (`spliced`); until then it copies, so a connection that only carries small messages never
+    takes a pipe."""
 
     __slots__ = ("src", "dst", "src_fd", "dst_fd", "queue", "pipe", "piped", "state", "total",
-                 "paused")
+                 "paused", "spliced")
 
     def __init__(self):
         self.src = self.dst = None
@@ -926,6 +932,7 @@ class Flow:
         self.state = OPEN
         self.total = 0
         self.paused = False
+        self.spliced = False
 
     def connect(self, src: socket.socket, dst: socket.socket) -> None:
         self.src, self.dst = src, dst
@@ -1176,7 +1183,7 @@ class Relay:
         self._reset_both()
 
     def _pump(self, flow: Flow) -> None:
-        if self.data.pipes is not None and not flow.queue:
+        if flow.spliced and not flow.queue:
             self._pump_spliced(flow)
         else:
             self._pump_copied(flow)
@@ -1233,6 +1240,8 @@ class Relay:
             self._eof(flow)
             return
         flow.total += count
+        if count >= SPLICE_MIN_BYTES and data.pipes is not None:
+            flow.spliced = True  # bulk: splice the next reads
         if flow.queue:
             flow.queue += data.recv_view[:count]
             return
