@@ -1567,6 +1567,7 @@ class BatchAcceptor:
     def __init__(self, reactor: Reactor, sock: socket.socket):
         self.reactor = reactor
         self.sock = sock
+        self.family = int(sock.family)
         self.paused = False
         self.closed = False
 
@@ -1579,9 +1580,12 @@ class BatchAcceptor:
     def handle_io(self, sock, mask) -> None:
         if self.closed:
             return  # stopped earlier in this same batch of events
+        # socket.accept() is _accept() plus Python-level work that converts the listener's
+        # family and type to enums to build the same socket: a tenth of a relay's Python calls.
+        family = self.family
         for _ in range(ACCEPT_BATCH):
             try:
-                client_sock, peer = sock.accept()
+                fd, peer = sock._accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -1591,7 +1595,7 @@ class BatchAcceptor:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # the client gave up in the backlog
                 raise
-            self.accepted(client_sock, peer)
+            self.accepted(socket.socket(family, socket.SOCK_STREAM, 0, fd), peer)
             if self.paused:
                 return
 
