@@ -546,6 +546,7 @@ class Reactor:
         self._running = True
         poll = self.poller.poll
         handlers = self._handlers
+        not_in_or_out = ~(POLL_IN | POLL_OUT)  # an error or hang-up
         while self._running:
             self._run_due_timers()
             if not self._running:
@@ -555,7 +556,7 @@ class Reactor:
                 if entry is None:
                     continue  # unregistered earlier in this same batch of events
                 sock, handler, mask = entry
-                if events & ~(POLL_IN | POLL_OUT) == 0:  # EPOLLIN -> EVENT_READ, EPOLLOUT -> EVENT_WRITE
+                if not events & not_in_or_out:  # EPOLLIN -> EVENT_READ, EPOLLOUT -> EVENT_WRITE
                     mask &= (events & POLL_IN) | ((events & POLL_OUT) >> 1)
                 try:
                     handler.handle_io(sock, mask)
@@ -1165,7 +1166,10 @@ class Relay:
         client = sock is self.client_sock
         if mask == EVENT_READ:
             flow = self.up if client else self.down
-            self._pump(flow)
+            if flow.spliced and not flow.queue:  # _pump() inlined: this runs once per message
+                self._pump_spliced(flow)
+            else:
+                self._pump_copied(flow)
             if flow.state is OPEN and not flow.queue and not flow.piped:
                 return  # the hot path: everything read was passed on, so no mask changed
             if self.state is RELAYING:
