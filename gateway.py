@@ -38,6 +38,7 @@ import heapq
 import os
 import random
 import re
+import select
 import selectors
 import signal
 import socket
@@ -69,6 +70,10 @@ HIGH_WATER_BYTES = 256 * 1024
 LOW_WATER_BYTES = 64 * 1024
 RECV_CHUNK_BYTES = 256 * 1024
 SPLICE_PIPE_BYTES = 256 * 1024
+# A flow copies (recv_into, send) until one read brings this much, and splices from then on: small
+# messages cost the same two system calls either way, but a splice takes a pipe, and the kernel
+# time per message was about equal at 1-4 KiB and lower for splice from 64 KiB (/tmp/perfw/micro.py).
+SPLICE_MIN_BYTES = 16 * 1024
 PIPE_TRIM_DELAY = 1.0  # idle this long (no connection at all): close the spare pipes
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE_DELAY = 0.25  # after EMFILE/ENFILE: the pending connections wait in the backlog
@@ -420,19 +425,57 @@ class Timer:
         self.cancelled = True
 
 
-class Reactor:
-    """A selectors loop with timers and signals. Mechanism only: it runs what it is given.
+class SelectorsPoller:
+    """Where the platform has no epoll: `select.epoll`'s interface (register, modify, unregister,
+    poll, close; (fd, events) pairs with poll(2)'s bits) over `selectors.DefaultSelector`."""
 
-    Registered handlers are objects with ``handle_io(sock, mask)`` and ``handle_failure(exc)``;
-    an exception escaping ``handle_io`` is passed to the same handler's ``handle_failure``.
-    `busy_poll`, when given, is the policy that says how long to poll before sleeping.
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+
+    def register(self, fd: int, events: int) -> None:
+        self.selector.register(fd, _SELECTOR_EVENTS[events])
+
+    def modify(self, fd: int, events: int) -> None:
+        self.selector.modify(fd, _SELECTOR_EVENTS[events])
+
+    def unregister(self, fd: int) -> None:
+        self.selector.unregister(fd)
+
+    def poll(self, timeout: Optional[float] = None):
+        return [(key.fd, _POLL_EVENTS[mask]) for key, mask in self.selector.select(timeout)]
+
+    def close(self) -> None:
+        self.selector.close()
+
+
+# poll(2)'s bits, which epoll shares; indexed by a selectors mask (EVENT_READ 1, EVENT_WRITE 2).
+POLL_IN, POLL_OUT = 0x001, 0x004
+_POLL_EVENTS = (0, POLL_IN, POLL_OUT, POLL_IN | POLL_OUT)
+_SELECTOR_EVENTS = {POLL_IN: EVENT_READ, POLL_OUT: EVENT_WRITE, POLL_IN | POLL_OUT: EVENT_READ | EVENT_WRITE}
+
+
+class Reactor:
+    """A readiness loop with timers and signals. Mechanism only: it runs what it is given.
+
+    Registered handlers are objects with ``handle_io(sock, mask)`` and ``handle_failure(exc)``,
+    `mask` in selectors' terms (EVENT_READ, EVENT_WRITE; an error or hang-up reports every
+    registered event, as selectors does); an exception escaping ``handle_io`` is passed to the
+    same handler's ``handle_failure``. `busy_poll`, when given, is the policy that says how long
+    to poll before sleeping.
+
+    It drives `select.epoll` directly with a descriptor -> (socket, handler, mask) table, and
+    selectors (through `SelectorsPoller`) where there is no epoll: selectors' keys and lookups cost
+    about a tenth of the Python time of a connection that carries one request.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, log: Optional[Log] = None,
                  busy_poll: Optional["BusyPoll"] = None):
         self.clock = clock
         self.log = log or Log()
-        self.selector = selectors.DefaultSelector()
+        # epoll forgets a descriptor once it is closed; selectors keeps it until unregistered.
+        self._epoll = hasattr(select, "epoll")
+        self.poller = select.epoll() if self._epoll else SelectorsPoller()
+        self._handlers = {}  # fd -> (sock, handler, selectors mask)
         self._timers: List = []  # heap of (when, seq, Timer)
         self._seq = 0
         self._cancelled_in_heap = 0
@@ -444,13 +487,33 @@ class Reactor:
     # -- sockets -------------------------------------------------------------------------------
 
     def register(self, sock, events: int, handler) -> None:
-        self.selector.register(sock, events, handler)
+        fd = sock.fileno()
+        if fd in self._handlers:
+            raise KeyError("%r is already registered" % (sock,))
+        self.poller.register(fd, _POLL_EVENTS[events])
+        self._handlers[fd] = (sock, handler, events)
 
     def modify(self, sock, events: int, handler) -> None:
-        self.selector.modify(sock, events, handler)
+        fd = sock.fileno()
+        if fd not in self._handlers:
+            raise KeyError("%r is not registered" % (sock,))
+        self.poller.modify(fd, _POLL_EVENTS[events])
+        self._handlers[fd] = (sock, handler, events)
 
-    def unregister(self, sock) -> None:
-        self.selector.unregister(sock)
+    def unregister(self, sock, closing: bool = False) -> None:
+        """Stop watching `sock`. `closing`: the caller closes it right away, and epoll drops a
+        closed descriptor by itself, so the system call is skipped."""
+        fd = sock.fileno()
+        if fd < 0:  # closed already (as selectors, find it by identity): epoll dropped it
+            fd = next((fd for fd, entry in self._handlers.items() if entry[0] is sock), -1)
+            closing = True
+        del self._handlers[fd]
+        if not (closing and self._epoll):
+            self.poller.unregister(fd)
+
+    def watched(self) -> int:
+        """How many sockets are registered."""
+        return len(self._handlers)
 
     # -- timers --------------------------------------------------------------------------------
 
@@ -521,41 +584,56 @@ class Reactor:
     def run(self) -> None:
         """Run until stop(): fire due timers, wait for I/O until the next timer, dispatch."""
         self._running = True
-        select = self.selector.select
+        poll = self.poller.poll
+        handlers = self._handlers
+        not_in_or_out = ~(POLL_IN | POLL_OUT)  # an error or hang-up
         while self._running:
             self._run_due_timers()
             if not self._running:
                 break
-            for key, mask in self._wait(select, self._select_timeout()):
-                handler = key.data
+            for fd, events in self._wait(poll, self._select_timeout()):
+                entry = handlers.get(fd)
+                if entry is None:
+                    continue  # unregistered earlier in this same batch of events
+                sock, handler, mask = entry
+                if not events & not_in_or_out:  # EPOLLIN -> EVENT_READ, EPOLLOUT -> EVENT_WRITE
+                    mask &= (events & POLL_IN) | ((events & POLL_OUT) >> 1)
                 try:
-                    handler.handle_io(key.fileobj, mask)
+                    handler.handle_io(sock, mask)
                 except Exception as exc:
                     self._handler_failed(handler, exc)
 
-    def _wait(self, select, timeout: Optional[float]):
+    def _wait(self, poll, timeout: Optional[float]):
         """Wait for events; with a busy-poll policy, first poll without sleeping for as long as
         it allows: on a VM, waking a halted vCPU can cost more than the spin (docs/PERFORMANCE.md)."""
         policy = self.busy_poll
         if policy is None or timeout == 0:
-            return select(timeout)
+            return poll(timeout)
         clock = self.clock
         start = clock()
         window = policy.window()
         if window:
             spin = window if timeout is None else min(window, timeout)
-            events = select(0)
+            events = poll(0)
             while not events and clock() - start < spin:
-                events = select(0)
+                events = poll(0)
             if events:
-                policy.observe(events)
+                self._observe(policy, events)
                 return events
             if timeout is not None:
                 timeout = max(0.0, timeout - (clock() - start))
-        events = select(timeout)
+        events = poll(timeout)
         policy.slept(clock() - start)
-        policy.observe(events)
+        self._observe(policy, events)
         return events
+
+    def _observe(self, policy, events) -> None:
+        if len(events) == 1:
+            fd = events[0][0]
+            entry = self._handlers.get(fd)
+            policy.observe(fd, entry[1] if entry is not None else None)
+        else:
+            policy.observe(None, None)
 
     def _handler_failed(self, handler, exc: Exception) -> None:
         try:
@@ -571,11 +649,11 @@ class Reactor:
             signal.set_wakeup_fd(-1)
             for signum in self._signal_handlers:
                 signal.signal(signum, signal.SIG_DFL)
-            self.selector.unregister(self._wake_r)
+            self.unregister(self._wake_r)
             self._wake_r.close()
             self._wake_w.close()
             self._wake_r = self._wake_w = None
-        self.selector.close()
+        self.poller.close()
 
 
 class BusyPoll:
@@ -602,14 +680,14 @@ class BusyPoll:
         if self._lone_fd is not None:
             self._spin_after[self._lone_fd] = spin_window_after(waited, self.limit)
 
-    def observe(self, events) -> None:
-        """Follow the conversation: who the events of this batch belong to."""
-        if len(events) == 1:
-            key = events[0][0]
-            if key.data is not self._lone_handler:
+    def observe(self, lone_fd, lone_handler) -> None:
+        """Follow the conversation: the descriptor and handler of a wait that brought one event
+        alone, or (None, None) when it brought none or several."""
+        if lone_fd is not None:
+            if lone_handler is not self._lone_handler:
                 self._spin_after.clear()
-                self._lone_handler = key.data
-            self._lone_fd = key.fd
+                self._lone_handler = lone_handler
+            self._lone_fd = lone_fd
         else:
             self._spin_after.clear()
             self._lone_handler = self._lone_fd = None
@@ -879,10 +957,12 @@ class DataPath:
 
 class Flow:
     """One direction of a relay: bytes read from `src` and queued for `dst`, either in `queue`
-    (recv/send) or in a pipe (`piped` bytes, splice)."""
+    (recv/send) or in a pipe (`piped` bytes, splice). It splices once it has carried bulk
+    (`spliced`); until then it copies, so a connection that only carries small messages never
+    takes a pipe."""
 
     __slots__ = ("src", "dst", "src_fd", "dst_fd", "queue", "pipe", "piped", "state", "total",
-                 "paused")
+                 "paused", "spliced")
 
     def __init__(self):
         self.src = self.dst = None
@@ -893,6 +973,7 @@ class Flow:
         self.state = OPEN
         self.total = 0
         self.paused = False
+        self.spliced = False
 
     def connect(self, src: socket.socket, dst: socket.socket) -> None:
         self.src, self.dst = src, dst
@@ -1129,7 +1210,10 @@ class Relay:
         client = sock is self.client_sock
         if mask == EVENT_READ:
             flow = self.up if client else self.down
-            self._pump(flow)
+            if flow.spliced and not flow.queue:  # _pump() inlined: this runs once per message
+                self._pump_spliced(flow)
+            else:
+                self._pump_copied(flow)
             if flow.state is OPEN and not flow.queue and not flow.piped:
                 return  # the hot path: everything read was passed on, so no mask changed
             if self.state is RELAYING:
@@ -1147,7 +1231,7 @@ class Relay:
         self._reset_both()
 
     def _pump(self, flow: Flow) -> None:
-        if self.data.pipes is not None and not flow.queue:
+        if flow.spliced and not flow.queue:
             self._pump_spliced(flow)
         else:
             self._pump_copied(flow)
@@ -1204,6 +1288,8 @@ class Relay:
             self._eof(flow)
             return
         flow.total += count
+        if count >= SPLICE_MIN_BYTES and data.pipes is not None:
+            flow.spliced = True  # bulk: splice the next reads
         if flow.queue:
             flow.queue += data.recv_view[:count]
             return
@@ -1299,7 +1385,7 @@ class Relay:
             if sock is None:
                 continue
             if mask:
-                self.reactor.unregister(sock)
+                self.reactor.unregister(sock, closing=True)
             if reset:
                 abort(sock)
             else:
@@ -1583,6 +1669,7 @@ class BatchAcceptor:
     def __init__(self, reactor: Reactor, sock: socket.socket):
         self.reactor = reactor
         self.sock = sock
+        self.family = int(sock.family)
         self.paused = False
         self.closed = False
 
@@ -1595,9 +1682,12 @@ class BatchAcceptor:
     def handle_io(self, sock, mask) -> None:
         if self.closed:
             return  # stopped earlier in this same batch of events
+        # socket.accept() is _accept() plus Python-level work that converts the listener's
+        # family and type to enums to build the same socket: a tenth of a relay's Python calls.
+        family = self.family
         for _ in range(ACCEPT_BATCH):
             try:
-                client_sock, peer = sock.accept()
+                fd, peer = sock._accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -1607,7 +1697,7 @@ class BatchAcceptor:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # the client gave up in the backlog
                 raise
-            self.accepted(client_sock, peer)
+            self.accepted(socket.socket(family, socket.SOCK_STREAM, 0, fd), peer)
             if self.paused:
                 return
 

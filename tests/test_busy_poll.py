@@ -2,10 +2,10 @@
 
 BusyPoll is told what each wait brought (`observe`) and how long a sleeping wait took
 (`slept`), and answers how long to poll before the next wait sleeps (`window`). Its tests feed
-it batches shaped like selectors' (key, mask) pairs; no reactor, no clock. The Reactor's side is
-checked with a scripted select function and a policy stub that records what it was asked.
+it batches of (fd, handler) pairs; no reactor, no clock. The Reactor's side is checked with a
+scripted poll function and a policy stub that records what it was asked.
 """
-import selectors
+import socket
 
 import pytest
 from hypothesis import given, strategies as st
@@ -17,15 +17,20 @@ LIMIT = 100e-6
 
 def lone(handler, fd=3):
     """A batch of one event for `handler` on `fd`."""
-    return [(selectors.SelectorKey(None, fd, selectors.EVENT_READ, handler), selectors.EVENT_READ)]
+    return [(fd, handler)]
+
+
+def see(policy, batch):
+    """Tell `policy` what a wait brought, as the reactor does: the lone event's fd and handler."""
+    policy.observe(*(batch[0] if len(batch) == 1 else (None, None)))
 
 
 def conversing(limit=LIMIT, handler="relay", fd=3, gap=40e-6):
     """A policy that has seen `handler`'s lone events on `fd` with a sleep of `gap` between."""
     policy = gateway.BusyPoll(limit)
-    policy.observe(lone(handler, fd))
+    see(policy, lone(handler, fd))
     policy.slept(gap)
-    policy.observe(lone(handler, fd))
+    see(policy, lone(handler, fd))
     return policy
 
 
@@ -54,7 +59,7 @@ def test_a_short_gap_after_a_lone_event_is_learnt_with_a_margin():
     policy = conversing(gap=40e-6)
     assert policy.window() == pytest.approx(50e-6)
     policy.slept(30e-6)
-    policy.observe(lone("relay"))
+    see(policy, lone("relay"))
     assert policy.window() == pytest.approx(37.5e-6)  # follows the latest gap
 
 
@@ -74,12 +79,12 @@ def test_a_longer_gap_spins_the_whole_limit_or_not_at_all(gap, window):
 ], ids=["another-handler", "two-events", "no-events"])
 def test_spinning_stops_once_the_conversation_is_not_alone_and_resumes_when_it_is(batch):
     policy = conversing()
-    policy.observe(batch)
+    see(policy, batch)
     policy.slept(20e-6)  # learnt for whoever is alone now, if anyone
-    policy.observe(lone("relay"))
+    see(policy, lone("relay"))
     assert policy.window() == 0.0  # what was learnt before is forgotten
     policy.slept(20e-6)
-    policy.observe(lone("relay"))
+    see(policy, lone("relay"))
     assert policy.window() == pytest.approx(25e-6)  # alone again: learning anew
 
 
@@ -88,13 +93,13 @@ def test_the_gap_after_each_descriptor_is_learnt_apart():
     Spin for the answer (after the client's event), sleep through the pause (after the backend's)."""
     client, backend = 5, 6
     policy = gateway.BusyPoll(50e-6)
-    policy.observe(lone("relay", client))  # a request arrived
+    see(policy, lone("relay", client))  # a request arrived
     for _ in range(3):
         policy.slept(20e-6)  # the backend's answer
-        policy.observe(lone("relay", backend))
+        see(policy, lone("relay", backend))
         assert policy.window() == 0.0  # after the backend's event: the client's pause comes
         policy.slept(1e-3)  # the client's pause
-        policy.observe(lone("relay", client))
+        see(policy, lone("relay", client))
         assert policy.window() == pytest.approx(25e-6)  # after the client's: the answer comes
 
 
@@ -135,18 +140,30 @@ class RecordingPolicy:
     def slept(self, waited):
         self.slept_for.append(waited)
 
-    def observe(self, events):
-        self.observed.append(events)
+    def observe(self, lone_fd, lone_handler):
+        self.observed.append([(lone_fd, lone_handler)] if lone_fd is not None else [])
+
+
+def relay_readable(reactor):
+    """Register a socket for a handler named "relay": (the poll batch of its readable event, the
+    batch the policy should be told of, the sockets to close)."""
+    sockets = socket.socketpair()
+    reactor.register(sockets[0], gateway.EVENT_READ, "relay")
+    fd = sockets[0].fileno()
+    return [(fd, gateway.POLL_IN)], lone("relay", fd), sockets
 
 
 def test_the_reactor_polls_within_the_window_and_returns_what_the_spin_caught():
     clock, policy = FakeClock(), RecordingPolicy(LIMIT)
     reactor = gateway.Reactor(clock=clock, busy_poll=policy)
-    select = ScriptedSelect(clock, [(10e-6, [])] * 3 + [(10e-6, lone("relay"))])
-    assert reactor._wait(select, 2.0) == lone("relay")
+    events, told, sockets = relay_readable(reactor)
+    select = ScriptedSelect(clock, [(10e-6, [])] * 3 + [(10e-6, events)])
+    assert reactor._wait(select, 2.0) == events
     assert select.timeouts == [0, 0, 0, 0]  # caught without sleeping
-    assert policy.observed == [lone("relay")] and policy.slept_for == []  # nothing slept: nothing learnt
+    assert policy.observed == [told] and policy.slept_for == []  # nothing slept: nothing learnt
     reactor.close()
+    for sock in sockets:
+        sock.close()
 
 
 @pytest.mark.parametrize("window, timeout, polls, sleep_timeout", [
@@ -159,9 +176,12 @@ def test_the_reactor_polls_no_longer_than_the_window_or_the_next_timer_then_slee
                                                                                    sleep_timeout):
     clock, policy = FakeClock(), RecordingPolicy(window)
     reactor = gateway.Reactor(clock=clock, busy_poll=policy)
-    select = ScriptedSelect(clock, [(30e-6, [])] * polls + [(0.5, lone("relay"))])
-    assert reactor._wait(select, timeout) == lone("relay")
+    events, told, sockets = relay_readable(reactor)
+    select = ScriptedSelect(clock, [(30e-6, [])] * polls + [(0.5, events)])
+    assert reactor._wait(select, timeout) == events
     assert select.timeouts == [0] * polls + [sleep_timeout]
     assert policy.slept_for == [pytest.approx(clock.now)]  # the whole wait, polls included
-    assert policy.observed == [lone("relay")]
+    assert policy.observed == [told]
     reactor.close()
+    for sock in sockets:
+        sock.close()

@@ -55,6 +55,7 @@ def test_echo_round_trip_then_both_half_closes_close_the_relay(loop, use_splice)
     client.send(payload)
     loop.run_until(lambda: len(client.received) == len(payload), what="the echo")
     assert client.received == payload
+    assert relay.up.spliced is relay.down.spliced is use_splice  # bulk is spliced where it can be
     client.shutdown_write()
     loop.run_until(lambda: client.eof, what="EOF passed back")
     assert client.error is None  # closed with FIN, not reset
@@ -233,6 +234,7 @@ def test_a_bug_in_the_handler_is_reported_and_resets_that_relay(loop, use_splice
     host, relay, client = open_relay(loop, [upstream.endpoint], use_splice)
     if use_splice:
         host.data.pipes = ExplodingPipes(host.data.pipes)
+        relay.up.spliced = True  # as after a bulk read: small reads are copied otherwise
     else:
         host.data.recv_buffer = None  # recv_into(None): a TypeError, not an OSError
     client.send(b"ping")
