@@ -56,7 +56,6 @@ def run_timers_until(reactor, clock, horizon):
 def close_all(owner, reactor):
     owner.close()
     reactor.close()
-    reactor.selector.close()  # Reactor.close() leaves the selector to its owner
 
 
 def quiet_log():
