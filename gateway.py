@@ -469,11 +469,12 @@ class Reactor:
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, log: Optional[Log] = None,
-                 busy_poll: Optional["BusyPoll"] = None):
+                 busy_poll: Optional["BusyPoll"] = None, use_epoll: Optional[bool] = None):
         self.clock = clock
         self.log = log or Log()
         # epoll forgets a descriptor once it is closed; selectors keeps it until unregistered.
-        self._epoll = hasattr(select, "epoll")
+        # `use_epoll=False` runs the selectors path where epoll exists too (tests cover both).
+        self._epoll = hasattr(select, "epoll") if use_epoll is None else use_epoll
         self.poller = select.epoll() if self._epoll else SelectorsPoller()
         self._handlers = {}  # fd -> (sock, handler, selectors mask)
         self._timers: List = []  # heap of (when, seq, Timer)

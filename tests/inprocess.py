@@ -55,12 +55,12 @@ class Loop:
     """One test's reactor and everything built on it; `close()` releases all of it and then
     checks that no descriptor was left open and that nothing was logged at error level."""
 
-    def __init__(self):
+    def __init__(self, use_epoll=None):
         self.fds_before = open_fds()
         self.clock = SteppingClock()
         self.log_stream = io.StringIO()
         self.log = gateway.Log("debug", stream=self.log_stream)
-        self.reactor = gateway.Reactor(clock=self.clock, log=self.log)
+        self.reactor = gateway.Reactor(clock=self.clock, log=self.log, use_epoll=use_epoll)
         self._cleanups = []
 
     def __enter__(self):

@@ -7,6 +7,7 @@ the client is closed). Every test ends with a descriptor-leak check (inprocess.L
 """
 import errno
 import os
+import select
 import socket
 
 import pytest
@@ -19,9 +20,13 @@ EVENT_READ = gateway.EVENT_READ
 SMALL_BUFFER_BYTES = 16384  # the test's own socket buffers: most of what is in flight is the relay's
 
 
-@pytest.fixture
-def loop():
-    with inprocess.Loop() as loop:
+@pytest.fixture(params=[
+    pytest.param(True, id="epoll", marks=pytest.mark.skipif(
+        not hasattr(select, "epoll"), reason="select.epoll is Linux's")),
+    pytest.param(False, id="selectors"),  # the reactor's path where there is no epoll
+])
+def loop(request):
+    with inprocess.Loop(use_epoll=request.param) as loop:
         yield loop
 
 
