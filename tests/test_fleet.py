@@ -361,6 +361,7 @@ def test_the_gateway_asks_a_serializable_health_and_acts_on_the_reply():
         assert "Host: %s" % member.endpoint in lines and "Connection: close" in lines, head
 
 
+@pytest.mark.slow  # waits for real refresh rounds / checks on purpose
 def test_a_hung_member_fails_every_check_not_every_other_one():
     # The check's timeout (0.8 intervals here) ends before the soonest jittered tick (0.9), so
     # no tick finds the previous check still running and skips: one check per interval.
@@ -380,6 +381,7 @@ def test_a_hung_member_fails_every_check_not_every_other_one():
 
 # ---- loopback: the real DNS server of the discovery tests ---------------------------------------
 
+@pytest.mark.slow  # waits for real refresh rounds / checks on purpose
 def test_a_ttl_just_above_the_floor_is_resolved_again_within_it():
     ttl, domain = 6, "ttl.test"  # MIN_TTL_REFRESH_DELAY (5 s) < 6 s, far below 30 s
     srv_name = "_etcd-client._tcp." + domain
