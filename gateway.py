@@ -1049,8 +1049,8 @@ class RelayHost:
 class Relay:
     """A client connection and its upstream. DIALING -> RELAYING -> CLOSED.
 
-    Public, read-only: `endpoint` (the one dialled or relayed to), `started` (clock time),
-    `bytes_moved()`. Everything else is the relay's own."""
+    Public, read-only: `endpoint` and `address` (what it relays to, once connected), `started`
+    (clock time), `bytes_moved()`, `relays_to(endpoint)`. Everything else is the relay's own."""
 
     def __init__(self, host: RelayHost, client_sock: socket.socket, peer):
         self.host = host
@@ -1180,9 +1180,10 @@ class Relay:
         self.plan = [e for e in self.host.plan() if e.key not in tried]
 
     def _connected(self, dial: Dial, sock) -> None:
-        if self.attempts:  # the losers of a race
+        if self.stagger_timer is not None:  # armed when the connect did not complete at once
             self.reactor.cancel(self.stagger_timer)
             self.stagger_timer = None
+        if self.attempts:  # the losers of a race
             for loser in self.attempts:
                 self.host.attempt_outlived(loser)
             self.attempts = []
