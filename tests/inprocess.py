@@ -488,7 +488,7 @@ class FakeHost(gateway.RelayHost):
 
     def __init__(self, loop, endpoints, use_splice=False, dial_timeout=1.0, connect_timeout=None):
         self.reactor = loop.reactor
-        self.data = gateway.DataPath(use_splice)
+        self.data = gateway.DataPath(use_splice, gateway.KeepAliveLater(self.reactor))
         self.dial_timeout = dial_timeout
         self.connect_timeout = connect_timeout or dial_timeout
         self.endpoints = list(endpoints)
@@ -514,7 +514,7 @@ class FakeHost(gateway.RelayHost):
     def close(self):
         for relay in self.relays:
             relay.abort()  # a no-op for a closed relay
-        self.data.trim()
+        self.data.close()
 
     # -- RelayHost ---------------------------------------------------------------------------------
 

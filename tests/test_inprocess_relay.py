@@ -69,6 +69,29 @@ def test_echo_round_trip_then_both_half_closes_close_the_relay(loop, use_splice)
                             ("closed", upstream.endpoint, False, (len(payload), len(payload)))]
 
 
+def keepalive_of(sock):
+    return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE))
+
+
+def test_the_upstream_gets_no_delay_at_once_and_keep_alive_within_a_second(loop):
+    upstream = loop.server(inprocess.echo)
+    host, relay, client = open_relay(loop, [upstream.endpoint])
+    short_host, short_lived, short_client = open_relay(loop, [upstream.endpoint])
+    loop.run_until(lambda: relay.state is short_lived.state is gateway.RelayState.RELAYING)
+    sock = relay.upstream_sock
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert not keepalive_of(sock)[0]  # a connection that ends within the second never pays for it
+    short_client.shutdown_write()
+    loop.run_until(lambda: short_lived.state is gateway.RelayState.CLOSED, what="the short one closed")
+    loop.clock.advance(1.0)
+    loop.run_until(lambda: keepalive_of(sock)[0], what="keep-alive on the upstream")
+    assert keepalive_of(sock) == (1, gateway.KEEPALIVE_SECONDS)
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == gateway.KEEPALIVE_SECONDS
+    client.send(b"still relaying")
+    loop.run_until(lambda: client.received == b"still relaying")
+
+
 def test_half_close_is_passed_on_after_the_queue_drained_and_the_other_way_still_works(loop, use_splice):
     upstream = loop.server(lambda loop, sock: Peer(loop, sock, reading=False), rcvbuf=SMALL_BUFFER_BYTES)
     host, relay, client = open_relay(loop, [upstream.endpoint], use_splice, rcvbuf=SMALL_BUFFER_BYTES)
