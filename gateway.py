@@ -42,6 +42,7 @@ import select
 import selectors
 import signal
 import socket
+import _socket  # the C socket type under socket.socket (CSocket)
 import sys
 import time
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
@@ -761,6 +762,10 @@ class KeepAliveLater:
 
 
 STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+# The C socket type under socket.socket, for the sockets of relays and probes: socket.socket's
+# Python layer makes its __init__ and close() Python frames (a twentieth of a short connection's
+# Python work) and adds what none of them uses (makefile, a context manager). ssl wraps it alike.
+CSocket = _socket.socket
 
 
 def is_connected(sock: socket.socket) -> bool:
@@ -843,7 +848,7 @@ class Dial:
             self.address = addresses[0]
         family, address = self.address
         try:
-            sock = self.sock = socket.socket(family, STREAM_NONBLOCK)
+            sock = self.sock = CSocket(family, STREAM_NONBLOCK)
             if STREAM_NONBLOCK == socket.SOCK_STREAM:
                 sock.setblocking(False)  # no SOCK_NONBLOCK here: one more system call
             code = sock.connect_ex(address)
@@ -1708,6 +1713,8 @@ class BatchAcceptor:
     stops watching the socket for a moment and the pending clients wait in the backlog: staying
     registered would spin on a level-triggered readable listener."""
 
+    socket_class = socket.socket  # what each accepted client becomes
+
     def __init__(self, reactor: Reactor, sock: socket.socket):
         self.reactor = reactor
         self.sock = sock
@@ -1739,7 +1746,7 @@ class BatchAcceptor:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # the client gave up in the backlog
                 raise
-            self.accepted(socket.socket(family, socket.SOCK_STREAM, 0, fd), peer)
+            self.accepted(self.socket_class(family, socket.SOCK_STREAM, 0, fd), peer)
             if self.paused:
                 return
 
@@ -2823,6 +2830,8 @@ class MemberSync:
 
 class Listener(BatchAcceptor):
     """The proxy port: every client is handed to the connections; out of descriptors, it pauses."""
+
+    socket_class = CSocket
 
     def __init__(self, reactor: Reactor, log: Log, sock: socket.socket, connections: "Connections"):
         super().__init__(reactor, sock)

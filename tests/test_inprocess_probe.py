@@ -56,8 +56,10 @@ def test_a_loopback_dial_completes_inside_start(loop):
     assert len(done) == 1
     finished, sock, reason, inside_start = done[0]
     assert finished is dial and reason is None and inside_start
-    with sock:
+    try:
         assert gateway.is_connected(sock) and sock.getpeername() == server.address
+    finally:
+        sock.close()
     assert dial.sock is None and dial.timer is None
 
 
