@@ -2031,6 +2031,10 @@ class MetricsText:
 
 def _prometheus_number(value) -> str:
     if isinstance(value, float) and not value.is_integer():
+        if value != value:
+            return "NaN"  # the text format's spelling; Python's repr says nan, inf
+        if value in (float("inf"), float("-inf")):
+            return "+Inf" if value > 0 else "-Inf"
         return repr(value)
     return str(int(value))
 

@@ -108,8 +108,9 @@ def test_label_values_are_escaped():
 
 @pytest.mark.parametrize("value, text", [(0, "0"), (7, "7"), (3.0, "3"), (-1, "-1"), (0.25, "0.25"),
                                          (1700000000.123, "1700000000.123"), (True, "1"),
-                                         (2 ** 53 + 1, "9007199254740993")])
-def test_numbers_are_integers_when_whole(value, text):
+                                         (2 ** 53 + 1, "9007199254740993"), (math.nan, "NaN"),
+                                         (math.inf, "+Inf"), (-math.inf, "-Inf")])
+def test_numbers_are_integers_when_whole_and_spelt_as_the_format_wants(value, text):
     assert render(("n", "gauge", "A number.", [((), value)])).endswith("\nn %s\n" % text)
 
 
