@@ -1239,7 +1239,7 @@ class Relay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass  # the peer may already be gone: the first recv will tell
-        self.host.data.keepalive.add(sock)
+        self.data.keepalive.add(sock)
         self.up.connect(self.client_sock, sock)
         self.down.connect(sock, self.client_sock)
         self.state = RELAYING
