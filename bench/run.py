@@ -17,7 +17,10 @@ Only ratios measured in one run mean anything; the table reports medians over th
 Efficiency is the proxy process's own CPU time (utime + stime from /proc/<pid>/stat, all
 threads), read just before and after each load and divided by the requests, connections or
 megabytes that load moved: on two cores the load generator usually saturates first, so CPU
-per unit of work is the fair comparison, not the raw throughput.
+per unit of work is the fair comparison, not the raw throughput. Beside it, the busy time of the
+core the proxy is pinned to (user, system, irq and softirq of its /proc/stat line: what the proxy
+costs the machine, the kernel's work on its behalf included); /proc/stat samples it at each
+tick, so it means something only where that core is busy (bulk, many connections, churn).
 
 `ours` runs with its defaults, which include a short adaptive spin before sleeping
 (`--busy-poll=50us`, while one connection's events come alone); `ours-nospin` is ours with
