@@ -768,7 +768,19 @@ STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 CSocket = _socket.socket
 
 
+IPPROTO_TCP, TCP_INFO = socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", None)
+TCP_ESTABLISHED = 1  # tcp_info's first byte, tcpi_state (Linux's include/net/tcp_states.h)
+
+
 def is_connected(sock: socket.socket) -> bool:
+    """Whether a TCP connect has completed. Where there is TCP_INFO, the state is read without
+    what getpeername() costs: it releases the GIL and formats the peer's address (callgrind:
+    about 1 % of a short connection's user instructions)."""
+    if TCP_INFO is not None:
+        try:
+            return sock.getsockopt(IPPROTO_TCP, TCP_INFO, 1)[0] == TCP_ESTABLISHED
+        except OSError:
+            pass  # a kernel without it: ask the way that always works
     try:
         sock.getpeername()
     except OSError:
