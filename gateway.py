@@ -64,6 +64,10 @@ SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK"
 VERSION = "0.1.0"
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
+# Reported along with EVENT_READ to a handler that registered for it: the peer has half-closed
+# (epoll's EPOLLRDHUP). A read that then comes back short has read the last bytes before the EOF.
+# Never reported where there is no epoll.
+EVENT_CLOSED = 4
 
 # Back-pressure per direction, as asyncio's transports: stop reading a side once this much is queued
 # for its peer, resume once the queue fell to the low mark.
@@ -434,10 +438,10 @@ class SelectorsPoller:
         self.selector = selectors.DefaultSelector()
 
     def register(self, fd: int, events: int) -> None:
-        self.selector.register(fd, _SELECTOR_EVENTS[events])
+        self.selector.register(fd, _SELECTOR_EVENTS[events & (POLL_IN | POLL_OUT)])
 
     def modify(self, fd: int, events: int) -> None:
-        self.selector.modify(fd, _SELECTOR_EVENTS[events])
+        self.selector.modify(fd, _SELECTOR_EVENTS[events & (POLL_IN | POLL_OUT)])
 
     def unregister(self, fd: int) -> None:
         self.selector.unregister(fd)
@@ -449,9 +453,30 @@ class SelectorsPoller:
         self.selector.close()
 
 
-# poll(2)'s bits, which epoll shares; indexed by a selectors mask (EVENT_READ 1, EVENT_WRITE 2).
-POLL_IN, POLL_OUT = 0x001, 0x004
-_POLL_EVENTS = (0, POLL_IN, POLL_OUT, POLL_IN | POLL_OUT)
+# poll(2)'s bits, which epoll shares, and epoll's EPOLLRDHUP (Linux); _POLL_EVENTS is indexed by
+# a reactor mask (EVENT_READ 1, EVENT_WRITE 2, EVENT_CLOSED 4), _REPORTED maps them back.
+# EVENT_CLOSED asks for POLLPRI too: while TCP urgent data is pending, a read stops short at its
+# mark, so a short read would not mean the last bytes; the reactor reports POLLPRI as it does an
+# error, without EVENT_CLOSED.
+POLL_IN, POLL_PRI, POLL_OUT, POLL_ERR, POLL_HUP, POLL_RDHUP = 0x001, 0x002, 0x004, 0x008, 0x010, 0x2000
+_POLL_EVENTS = tuple((POLL_IN if mask & EVENT_READ else 0) | (POLL_OUT if mask & EVENT_WRITE else 0)
+                     | (POLL_RDHUP | POLL_PRI if mask & EVENT_CLOSED else 0) for mask in range(8))
+
+
+def _reported_mask(events: int) -> int:
+    """The reactor mask that the poll bits `events` report (before it is narrowed to the events
+    registered): an error, hang-up or urgent data reports every event but EVENT_CLOSED."""
+    if events & (POLL_PRI | POLL_ERR | POLL_HUP):
+        return EVENT_READ | EVENT_WRITE
+    return ((EVENT_READ if events & POLL_IN else 0) | (EVENT_WRITE if events & POLL_OUT else 0)
+            | (EVENT_CLOSED if events & POLL_RDHUP else 0))
+
+
+# Every combination epoll can report (what was asked for, plus POLLERR and POLLHUP): one dict
+# lookup per event instead of the bit arithmetic, which Python does slowly.
+_POLL_BITS = (POLL_IN, POLL_PRI, POLL_OUT, POLL_ERR, POLL_HUP, POLL_RDHUP)
+_REPORTED = {events: _reported_mask(events) for events in (
+    sum(bit for i, bit in enumerate(_POLL_BITS) if n >> i & 1) for n in range(1 << len(_POLL_BITS)))}
 _SELECTOR_EVENTS = {POLL_IN: EVENT_READ, POLL_OUT: EVENT_WRITE, POLL_IN | POLL_OUT: EVENT_READ | EVENT_WRITE}
 
 
@@ -459,10 +484,10 @@ class Reactor:
     """A readiness loop with timers and signals. Mechanism only: it runs what it is given.
 
     Registered handlers are objects with ``handle_io(sock, mask)`` and ``handle_failure(exc)``,
-    `mask` in selectors' terms (EVENT_READ, EVENT_WRITE; an error or hang-up reports every
-    registered event, as selectors does); an exception escaping ``handle_io`` is passed to the
-    same handler's ``handle_failure``. `busy_poll`, when given, is the policy that says how long
-    to poll before sleeping.
+    `mask` in selectors' terms (EVENT_READ, EVENT_WRITE, and EVENT_CLOSED where epoll reports it;
+    an error or hang-up reports every registered event but EVENT_CLOSED, as selectors does); an
+    exception escaping ``handle_io`` is passed to the same handler's ``handle_failure``.
+    `busy_poll`, when given, is the policy that says how long to poll before sleeping.
 
     It drives `select.epoll` directly with a descriptor -> (socket, handler, mask) table, and
     selectors (through `SelectorsPoller`) where there is no epoll: selectors' keys and lookups cost
@@ -588,7 +613,7 @@ class Reactor:
         self._running = True
         poll = self.poller.poll
         handlers = self._handlers
-        not_in_or_out = ~(POLL_IN | POLL_OUT)  # an error or hang-up
+        reported = _REPORTED
         while self._running:
             self._run_due_timers()
             if not self._running:
@@ -598,10 +623,8 @@ class Reactor:
                 if entry is None:
                     continue  # unregistered earlier in this same batch of events
                 sock, handler, mask = entry
-                if not events & not_in_or_out:  # EPOLLIN -> EVENT_READ, EPOLLOUT -> EVENT_WRITE
-                    mask &= (events & POLL_IN) | ((events & POLL_OUT) >> 1)
                 try:
-                    handler.handle_io(sock, mask)
+                    handler.handle_io(sock, mask & reported[events])
                 except Exception as exc:
                     self._handler_failed(handler, exc)
 
@@ -943,6 +966,9 @@ class RelayState(enum.Enum):
 # Module-level names: the data path compares states with `is` against globals.
 OPEN, DRAINING, SHUT = FlowState.OPEN, FlowState.DRAINING, FlowState.SHUT
 DIALING, RELAYING, CLOSED = RelayState.DIALING, RelayState.RELAYING, RelayState.CLOSED
+# What a relay watches a socket it reads from for: a peer that answers and closes (HTTP's
+# Connection: close) has its FIN passed on with the answer.
+READ_TO_EOF = EVENT_READ | EVENT_CLOSED
 
 
 class PipePool:
@@ -1257,9 +1283,9 @@ class Relay:
         self.state = RELAYING
         self.host.relay_connected(self)
         # Nothing is queued yet: both sides are only read (what _update_interest would derive).
-        self.client_mask = self.upstream_mask = EVENT_READ
-        self.reactor.register(self.client_sock, EVENT_READ, self)
-        self.reactor.register(sock, EVENT_READ, self)
+        self.client_mask = self.upstream_mask = READ_TO_EOF
+        self.reactor.register(self.client_sock, READ_TO_EOF, self)
+        self.reactor.register(sock, READ_TO_EOF, self)
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -1267,12 +1293,12 @@ class Relay:
         if self.state is not RELAYING:
             return  # closed earlier in this same batch of events
         client = sock is self.client_sock
-        if mask == EVENT_READ:
+        if mask == EVENT_READ or mask == READ_TO_EOF:
             flow = self.up if client else self.down
             if flow.spliced and not flow.queue:  # _pump() inlined: this runs once per message
                 self._pump_spliced(flow)
             else:
-                self._pump_copied(flow)
+                self._pump_copied(flow, mask)
             if flow.state is OPEN and not flow.queue and not flow.piped:
                 return  # the hot path: everything read was passed on, so no mask changed
             if self.state is RELAYING:
@@ -1333,8 +1359,10 @@ class Relay:
             self.data.pipes.give(flow.pipe)
             flow.pipe = None
 
-    def _pump_copied(self, flow: Flow) -> None:
-        """Read what `flow.src` has and send it at once; queue only what the peer did not take."""
+    def _pump_copied(self, flow: Flow, mask: int = EVENT_READ) -> None:
+        """Read what `flow.src` has and send it at once; queue only what the peer did not take.
+        With `mask` READ_TO_EOF (the peer's FIN was in before this read), a short read has taken
+        the last bytes: the EOF is passed on now, not after one more wake-up and recv."""
         data = self.data
         try:
             count = flow.src.recv_into(data.recv_buffer)
@@ -1351,16 +1379,18 @@ class Relay:
             flow.spliced = True  # bulk: splice the next reads
         if flow.queue:
             flow.queue += data.recv_view[:count]
-            return
-        try:
-            sent = flow.dst.send(data.recv_view[:count])
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self._reset_both()
-            return
-        if sent < count:
-            flow.queue += data.recv_view[sent:count]
+        else:
+            try:
+                sent = flow.dst.send(data.recv_view[:count])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._reset_both()
+                return
+            if sent < count:
+                flow.queue += data.recv_view[sent:count]
+        if mask == READ_TO_EOF and count < RECV_CHUNK_BYTES:
+            self._eof(flow)
 
     def _flush(self, flow: Flow) -> None:
         if flow.piped:
@@ -1399,9 +1429,9 @@ class Relay:
 
     def _update_interest(self) -> None:
         """Derive both sockets' selector masks from the flows; touch the selector only on change."""
-        client_mask = ((EVENT_READ if self.up.wants_read() else 0)
+        client_mask = ((READ_TO_EOF if self.up.wants_read() else 0)
                        | (EVENT_WRITE if self.down.wants_write() else 0))
-        upstream_mask = ((EVENT_READ if self.down.wants_read() else 0)
+        upstream_mask = ((READ_TO_EOF if self.down.wants_read() else 0)
                          | (EVENT_WRITE if self.up.wants_write() else 0))
         if client_mask != self.client_mask:
             self._apply_mask(self.client_sock, self.client_mask, client_mask)

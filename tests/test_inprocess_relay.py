@@ -125,6 +125,56 @@ def test_half_close_is_passed_on_after_the_queue_drained_and_the_other_way_still
     assert host.reports[-1] == ("closed", upstream.endpoint, False, (len(sent), 28))
 
 
+def upstream_events(relay):
+    """The masks the reactor hands `relay` for its upstream socket, recorded from now on."""
+    masks = []
+    handle_io = relay.handle_io
+
+    def recording(sock, mask):
+        if sock is relay.upstream_sock:
+            masks.append(mask)
+        handle_io(sock, mask)
+    relay.handle_io = recording
+    return masks
+
+
+def test_an_answer_and_the_fin_behind_it_take_one_wake_up(loop):
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    upstream = loop.server(inprocess.replying(reply))
+    host, relay, client = open_relay(loop, [upstream.endpoint])
+    loop.run_until(lambda: relay.state is gateway.RelayState.RELAYING)
+    masks = upstream_events(relay)
+    client.send(b"GET / HTTP/1.1\r\n\r\n")
+    loop.run_until(lambda: client.eof, what="the answer and its EOF")
+    assert client.received == reply and client.error is None
+    if loop.reactor._epoll:  # EPOLLRDHUP: the FIN was in with the answer, so one read took both
+        assert masks == [EVENT_READ | gateway.EVENT_CLOSED]
+    else:  # selectors cannot tell: the EOF is a read of its own
+        assert masks == [EVENT_READ, EVENT_READ]
+    client.shutdown_write()
+    loop.run_until(lambda: relay.state is gateway.RelayState.CLOSED)
+    assert host.reports[-1] == ("closed", upstream.endpoint, False, (18, len(reply)))
+
+
+def urgent_then_fin(loop, sock):
+    """Sends "abc", one byte of urgent data, "def", and its FIN at once."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(b"abc")
+    sock.send(b"!", socket.MSG_OOB)
+    sock.sendall(b"def")
+    sock.shutdown(socket.SHUT_WR)
+    return Peer(loop, sock)
+
+
+def test_urgent_data_before_the_fin_does_not_cut_the_stream_short(loop):
+    # A read stops at the urgent mark: short, although bytes follow. With the FIN already in,
+    # that short read must not be taken for the last one (the reactor reports EPOLLPRI then).
+    upstream = loop.server(urgent_then_fin)
+    host, relay, client = open_relay(loop, [upstream.endpoint])
+    loop.run_until(lambda: client.eof, what="the stream and its EOF")
+    assert client.received == b"abcdef"  # the urgent byte is out of band, as for any reader
+
+
 def test_a_reset_from_upstream_reaches_the_client_as_a_reset(loop, use_splice):
     upstream = loop.server(inprocess.echo)
     host, relay, client = open_relay(loop, [upstream.endpoint], use_splice)

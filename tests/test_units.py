@@ -1,6 +1,7 @@
 """Unit tests of gateway.py's pure parts: Go durations, CLI parsing, log formatting, timers."""
 import io
 import json
+import select
 
 import pytest
 from hypothesis import given, strategies as st
@@ -146,6 +147,34 @@ def test_reactor_compacts_a_heap_of_cancelled_timers():
         reactor.cancel(timer)
     assert len(reactor._timers) < 1000
     reactor.close()
+
+
+POLL_BITS = st.sets(st.sampled_from([gateway.POLL_IN, gateway.POLL_PRI, gateway.POLL_OUT,
+                                      gateway.POLL_ERR, gateway.POLL_HUP, gateway.POLL_RDHUP]))
+
+
+@given(POLL_BITS)
+def test_every_report_epoll_can_make_is_translated(bits):
+    events = sum(bits)
+    mask = gateway._REPORTED[events]
+    if bits & {gateway.POLL_PRI, gateway.POLL_ERR, gateway.POLL_HUP}:
+        # as selectors does: every registered event, so that the handler's next call tells why;
+        # never EVENT_CLOSED, whose short read would not be the last one (urgent data)
+        assert mask == gateway.EVENT_READ | gateway.EVENT_WRITE
+    else:
+        assert bool(mask & gateway.EVENT_READ) == (gateway.POLL_IN in bits)
+        assert bool(mask & gateway.EVENT_WRITE) == (gateway.POLL_OUT in bits)
+        assert bool(mask & gateway.EVENT_CLOSED) == (gateway.POLL_RDHUP in bits)
+
+
+def test_a_registration_for_eof_asks_epoll_for_half_closes_and_urgent_data():
+    g = gateway
+    if hasattr(select, "epoll"):  # the reactor's constants are epoll's own
+        assert ((g.POLL_IN, g.POLL_PRI, g.POLL_OUT, g.POLL_ERR, g.POLL_HUP, g.POLL_RDHUP)
+                == (select.EPOLLIN, select.EPOLLPRI, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP,
+                    select.EPOLLRDHUP))
+    assert g._POLL_EVENTS[g.READ_TO_EOF] == g.POLL_IN | g.POLL_RDHUP | g.POLL_PRI
+    assert g._POLL_EVENTS[g.EVENT_READ | g.EVENT_WRITE] == g.POLL_IN | g.POLL_OUT
 
 
 def test_a_failing_timer_is_logged_and_the_loop_goes_on():
