@@ -1,6 +1,6 @@
 """Side-by-side benchmark: no proxy, the Go gateway, HAProxy (mode tcp) and ours (issue 4).
 
-    python3 bench/run.py [--rounds 2] [--quick] [--proxies none,go,haproxy,ours,ours-nospin]
+    python3 bench/run.py [--rounds 3] [--quick] [--proxies none,go,haproxy,ours,ours-nospin]
     python3 bench/run.py --baseline ../old-checkout --proxies go,ours,ours-base   # A/B in one run
     python3 bench/run.py --rounds 9 --workloads http-1,http-paced    # a focused comparison
     python3 bench/run.py --rounds 3 2> bench/runs/DATE-COMMIT.log   # keep the per-round lines
@@ -757,7 +757,9 @@ def find_etcdbin(explicit: Optional[str]) -> Path:
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=2)
+    # Three, the fewest of which a median is not a mean: this VM's rounds of the same code span
+    # +-20 %, and with two a single disturbed round moves the run's figure by half of that.
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="1s loads, 2,000 idle connections")
     ap.add_argument("--proxies", default=",".join(PROXY_ORDER),
                     help="comma separated subset of " + ",".join(PROXY_ORDER))
