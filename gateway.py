@@ -35,6 +35,7 @@ import argparse
 import enum
 import errno
 import heapq
+import itertools
 import os
 import random
 import re
@@ -475,8 +476,8 @@ def _reported_mask(events: int) -> int:
 # Every combination epoll can report (what was asked for, plus POLLERR and POLLHUP): one dict
 # lookup per event instead of the bit arithmetic, which Python does slowly.
 _POLL_BITS = (POLL_IN, POLL_PRI, POLL_OUT, POLL_ERR, POLL_HUP, POLL_RDHUP)
-_REPORTED = {events: _reported_mask(events) for events in (
-    sum(bit for i, bit in enumerate(_POLL_BITS) if n >> i & 1) for n in range(1 << len(_POLL_BITS)))}
+_REPORTED = {events: _reported_mask(events)
+             for events in map(sum, itertools.product(*((0, bit) for bit in _POLL_BITS)))}
 _SELECTOR_EVENTS = {POLL_IN: EVENT_READ, POLL_OUT: EVENT_WRITE, POLL_IN | POLL_OUT: EVENT_READ | EVENT_WRITE}
 
 
