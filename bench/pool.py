@@ -20,8 +20,10 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 PROGRESS = re.compile(r"\[round (\d+)/\d+\] (.+?)\s{2,}(\S+)\s+([\d.]+) \S+"
-                      r"(?: p99 ([\d.]+) ms)?(?: cpu ([\d.]+) \S+)?(?: core ([\d.]+) \S+)?")
-Figures = Tuple[float, Optional[float], Optional[float], Optional[float]]  # value, p99, cpu, core
+                      r"(?: p99 ([\d.]+) ms)?(?: cpu ([\d.]+) \S+)?(?: core ([\d.]+) \S+)?"
+                      r"(?: machine ([\d.]+) \S+)?")
+# value, p99, cpu, core, machine
+Figures = Tuple[float, Optional[float], Optional[float], Optional[float], Optional[float]]
 
 
 def read_rounds(paths: List[str]) -> Dict[str, Dict[tuple, Dict[str, Figures]]]:
@@ -33,24 +35,23 @@ def read_rounds(paths: List[str]) -> Dict[str, Dict[tuple, Dict[str, Figures]]]:
                 m = PROGRESS.match(line)
                 if m is None:
                     continue
-                rnd, workload, proxy, value, p99, cpu, core = m.groups()
+                rnd, workload, proxy, value, *optional = m.groups()
                 rounds.setdefault(workload.strip(), {}).setdefault((run, rnd), {})[proxy] = (
-                    float(value), float(p99) if p99 else None, float(cpu) if cpu else None,
-                    float(core) if core else None)
+                    float(value), *(float(x) if x else None for x in optional))
     return rounds
 
 
 def paired_ratios(by_round: Dict[tuple, Dict[str, Figures]], proxy: str,
                   reference: str) -> List[List[float]]:
-    """Per round, proxy/reference for throughput, the process's CPU per unit, its core's busy
-    time per unit (logs from before it was recorded have none) and p99."""
-    columns: List[List[float]] = [[], [], [], []]
+    """Per round, proxy/reference for throughput, the process's CPU per unit, its core's and
+    every core's busy time per unit (logs from before they were recorded have none) and p99."""
+    columns: List[List[float]] = [[], [], [], [], []]
     for proxies in by_round.values():
         if proxy not in proxies or reference not in proxies:
             continue
         ours, ref = proxies[proxy], proxies[reference]
-        for column, (a, b) in zip(columns, ((ours[0], ref[0]), (ours[2], ref[2]), (ours[3], ref[3]),
-                                            (ours[1], ref[1]))):
+        for column, index in zip(columns, (0, 2, 3, 4, 1)):
+            a, b = ours[index], ref[index]
             if a and b:
                 column.append(a / b)
     return columns
@@ -81,9 +82,9 @@ def main(argv: List[str]) -> int:
     proxies = [p for p in ("ours", "ours-busy", "ours-nospin", "ours-base", "haproxy")
                if p != reference and any(p in by_proxy for r in rounds.values() for by_proxy in r.values())]
     x = "×" + reference
-    print("| workload | rounds | " + " | ".join(f"{p} {x} | CPU {x} | core {x} | p99 {x}"
+    print("| workload | rounds | " + " | ".join(f"{p} {x} | CPU {x} | core {x} | machine {x} | p99 {x}"
                                              for p in proxies) + " |")
-    print("|---|---:|" + "---:|" * 4 * len(proxies))
+    print("|---|---:|" + "---:|" * 5 * len(proxies))
     for workload, by_round in rounds.items():
         if workload == "idle scale":
             continue

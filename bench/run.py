@@ -96,12 +96,14 @@ def steal_seconds() -> float:
     return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
-def core_busy_seconds(cpu: int) -> float:
-    """The time core `cpu` spent on anything but idling (interrupts and softirq included), in
-    seconds: what the proxy pinned there costs the machine, the kernel's work on its behalf too."""
+def core_busy_seconds(cpu: Optional[int]) -> float:
+    """The time core `cpu` (None: every core) spent on anything but idling (interrupts and softirq
+    included), in seconds: what the proxy pinned there costs the machine, the kernel's work on its
+    behalf too."""
+    prefix = "cpu " if cpu is None else f"cpu{cpu} "
     with open("/proc/stat") as f:
         for line in f:
-            if line.startswith(f"cpu{cpu} "):
+            if line.startswith(prefix):
                 user, nice, system, _idle, _iowait, irq, softirq = map(int, line.split()[1:8])
                 return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
     return 0.0
@@ -344,12 +346,14 @@ def start_proxy(started: Started, name: str, backend: int, settings: Settings) -
 
 def measured(proxy: Proxy, run: Callable[[], dict], units_key: str) -> dict:
     """Run a load and add the proxy's CPU microseconds per unit of work (`units_key`): its
-    process's (`cpu_us`) and its core's busy time (`core_us`)."""
+    process's (`cpu_us`) and its core's busy time (`core_us`); and every core's (`machine_us`),
+    since on loopback the kernel may do a transfer's work on either side's core."""
     before, steal_before, wall_before = proxy.cpu(), steal_seconds(), time.monotonic()
-    core_before = core_busy_seconds(PROXY_CPU)
+    core_before, machine_before = core_busy_seconds(PROXY_CPU), core_busy_seconds(None)
     result = run()
     cpu = proxy.cpu() - before
     core = core_busy_seconds(PROXY_CPU) - core_before
+    machine = core_busy_seconds(None) - machine_before
     wall = time.monotonic() - wall_before
     result["steal"] = 100 * (steal_seconds() - steal_before) / (wall * os.cpu_count())
     if not proxy.alive():
@@ -357,7 +361,24 @@ def measured(proxy: Proxy, run: Callable[[], dict], units_key: str) -> dict:
     if proxy.proc and result[units_key] > 0:
         result["cpu_us"] = cpu * 1e6 / result[units_key]
         result["core_us"] = core * 1e6 / result[units_key]
+        result["machine_us"] = machine * 1e6 / result[units_key]
     return result
+
+
+def wait_iperf3_idle(port: int) -> None:
+    """Wait until the iperf3 server has closed the last test's sockets and listens again, twice
+    in a row: between tests it closes its listener and opens a new one, and a connection that
+    lands in that gap is refused, which a gateway takes for its only endpoint being down."""
+    def idle():
+        return tcp_sockets(port, "01") == 0 and tcp_sockets(port, "0A") == 1
+
+    def idle_twice():
+        if not idle():
+            return False
+        time.sleep(0.05)
+        return idle()
+
+    poll(idle_twice, 30, f"the iperf3 server on {port} to be idle")
 
 
 def iperf3(proxy: Proxy, streams: int, reverse: bool, settings: Settings) -> dict:
@@ -522,7 +543,10 @@ class Workload(NamedTuple):
 
 def plan(backends: dict, lua: Dict[str, Path], settings: Settings) -> List[tuple]:
     def bulk(streams, reverse):
-        return lambda p: measured(p, lambda: iperf3(p, streams, reverse, settings), "mb")
+        def run(p):
+            wait_iperf3_idle(backends["iperf3"])
+            return measured(p, lambda: iperf3(p, streams, reverse, settings), "mb")
+        return run
 
     def http(path, conns, script, close=False):
         return lambda p: measured(p, lambda: wrk(p, path, conns, script, settings, close),
@@ -615,6 +639,8 @@ def progress(rnd: int, rounds: int, name: str, w: Workload, figures: dict):
     cpu = f" cpu {figures['cpu_us']:.1f} {w.cpu_unit}" if "cpu_us" in figures else ""
     if "core_us" in figures:
         cpu += f" core {figures['core_us']:.1f} {w.cpu_unit}"
+    if "machine_us" in figures:
+        cpu += f" machine {figures['machine_us']:.1f} {w.cpu_unit}"
     extra = f" p99 {figures['p99']:.2f} ms" if "p99" in figures else ""
     steal = f" steal {figures['steal']:.0f}%" if "steal" in figures else ""
     print(f"[round {rnd + 1}/{rounds}] {w.label:<32} {name:<9} {figures['value']:>12.2f} "
