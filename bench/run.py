@@ -21,6 +21,9 @@ per unit of work is the fair comparison, not the raw throughput. Beside it, the 
 core the proxy is pinned to (user, system, irq and softirq of its /proc/stat line: what the proxy
 costs the machine, the kernel's work on its behalf included); /proc/stat samples it at each
 tick, so it means something only where that core is busy (bulk, many connections, churn).
+And every core's busy time (`machine`, /proc/stat's `cpu` line): on loopback the kernel does a
+segment's work on whichever side's core sends it or handles the ACK that lets it go, so on bulk
+loads the proxy core's share moves from round to round while the machine's total holds.
 
 `ours` runs with its defaults, which include a short adaptive spin before sleeping
 (`--busy-poll=50us`, while one connection's events come alone); `ours-nospin` is ours with
