@@ -56,6 +56,7 @@ try:
 except ImportError:
     fcntl = None
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", None)  # Python >= 3.10
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", None)
 
 # Zero-copy relaying with splice(2): Linux and Python >= 3.10. ETCD_GATEWAY_NO_SPLICE=1 turns it
 # off (the copying path is the one every other platform and Python 3.8/3.9 use).
@@ -81,6 +82,9 @@ SPLICE_PIPE_BYTES = 256 * 1024
 # time per message was about equal at 1-4 KiB and lower for splice from 64 KiB (/tmp/perfw/micro.py).
 SPLICE_MIN_BYTES = 16 * 1024
 PIPE_TRIM_DELAY = 1.0  # idle this long (no connection at all): close the spare pipes
+# Once a new pipe came out too small to splice through (the user's pipe budget is spent), the
+# pool answers this many takes with "copy" before it asks the kernel for a pipe again.
+PIPE_RETRY_TAKES = 256
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE_DELAY = 0.25  # after EMFILE/ENFILE: the pending connections wait in the backlog
 TLS_VALIDATION_MIN_TIMEOUT = 3.0  # a handshake costs a few round trips and some CPU on both ends
@@ -974,28 +978,46 @@ READ_TO_EOF = EVENT_READ | EVENT_CLOSED
 
 class PipePool:
     """Non-blocking pipes for splice(2), shared by every relay. A flow holds a pipe only while
-    bytes sit in it, so an idle connection still costs two descriptors, not six."""
+    bytes sit in it, so an idle connection still costs two descriptors, not six.
+
+    Past its user's pipe budget (/proc/sys/fs/pipe-user-pages-soft: 64 MiB of pipes by default,
+    shared by all the user's processes; root is exempt) the kernel makes a new pipe two pages
+    long and refuses to grow it. Splicing 8 KiB a call costs more than copying, so the pool then
+    answers None (the relay copies) and asks the kernel again only after PIPE_RETRY_TAKES takes."""
 
     def __init__(self, size: int = SPLICE_PIPE_BYTES, keep: int = 32):
         self.size = size
         self.keep = keep
         self.idle = []
+        self.refusals_left = 0  # takes still to answer None since a new pipe came out too small
 
     def take(self):
-        """An empty pipe (read_fd, write_fd, capacity), or None when out of descriptors."""
+        """An empty pipe (read_fd, write_fd, capacity), or None: out of descriptors, or out of
+        the pipe budget."""
         if self.idle:
             return self.idle.pop()
+        if self.refusals_left:
+            self.refusals_left -= 1
+            return None
         try:
             read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return None
-        capacity = 65536
-        if F_SETPIPE_SZ is not None:
-            try:
-                capacity = fcntl.fcntl(write_fd, F_SETPIPE_SZ, self.size)
-            except OSError:
-                pass  # over /proc/sys/fs/pipe-max-size or the user's pipe budget: keep 64 KiB
+        capacity = self._grow(write_fd)
+        if capacity < SPLICE_MIN_BYTES:
+            self.discard((read_fd, write_fd, capacity))
+            self.refusals_left = PIPE_RETRY_TAKES
+            return None
         return (read_fd, write_fd, capacity)
+
+    def _grow(self, write_fd: int) -> int:
+        """Make a new pipe `size` long if the kernel lets us; its capacity in bytes."""
+        if F_SETPIPE_SZ is None:
+            return 65536  # no splice before Python 3.10 either
+        try:
+            return fcntl.fcntl(write_fd, F_SETPIPE_SZ, self.size)
+        except OSError:  # over /proc/sys/fs/pipe-max-size or the user's pipe budget
+            return fcntl.fcntl(write_fd, F_GETPIPE_SZ)
 
     def give(self, pipe) -> None:
         """Return an empty pipe."""
