@@ -12,50 +12,25 @@ the proxy held in the middle of the load.
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests"), str(HERE.parent)]
 import run as bench  # noqa: E402  (bench/run.py: ports, CPU time, the Go gateway's binary)
+from support import (HOLD_UNTIL_STDIN_CLOSES, pipes_of, spend_pipe_budget_script,  # noqa: E402
+                     without_pipe_exemption)
 
-UNPRIVILEGED = ["setpriv", "--inh-caps=-sys_resource,-sys_admin",
-                "--bounding-set=-sys_resource,-sys_admin"]
-SPEND = """
-import fcntl, os, sys, time
-held = []
-while True:  # pipes of %d bytes while they last, then smaller ones until two pages
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    held.append((read_fd, write_fd))
-    if fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ) <= 2 * os.sysconf("SC_PAGE_SIZE"):
-        break
-    try:
-        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, %d)
-    except PermissionError:
-        pass
-print("spent", flush=True)
-sys.stdin.read()
-"""
 PIPE_BYTES = 256 * 1024
-
-
-def pipes_of(pid: int) -> int:
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
-        except FileNotFoundError:
-            pass
-    return count
 
 
 def proxy_argv(name: str, listen: int, backend: int, etcdbin: Path, baseline: Path) -> list:
     flags = [f"--listen-addr=127.0.0.1:{listen}", f"--endpoints=127.0.0.1:{backend}"]
     if name == "go":
         return [str(etcdbin / "etcd"), "gateway", "start", *flags]
-    tree = baseline if name == "ours-base" else Path(__file__).resolve().parent.parent
+    tree = baseline if name == "ours-base" else HERE.parent
     return [sys.executable, str(tree / "gateway.py"), "start", *flags]
 
 
@@ -88,8 +63,8 @@ def main() -> int:
     try:
         for budget in ("free", "spent"):
             if budget == "spent":
-                spend = SPEND % (PIPE_BYTES, PIPE_BYTES)
-                holder = subprocess.Popen(UNPRIVILEGED + [sys.executable, "-c", spend],
+                spend = spend_pipe_budget_script(PIPE_BYTES, HOLD_UNTIL_STDIN_CLOSES)
+                holder = subprocess.Popen(without_pipe_exemption(sys.executable, "-c", spend),
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 assert holder.stdout.readline() == "spent\n"
             for rnd in range(args.rounds):
@@ -105,8 +80,8 @@ def main() -> int:
 
 def run_proxy(name, budget, rnd, args, etcdbin, backend):
     port = bench.free_port()
-    proxy = subprocess.Popen(["taskset", "-c", "1"] + UNPRIVILEGED
-                             + proxy_argv(name, port, backend, etcdbin, args.baseline),
+    argv = without_pipe_exemption(*proxy_argv(name, port, backend, etcdbin, args.baseline))
+    proxy = subprocess.Popen(["taskset", "-c", "1"] + argv,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         bench.poll(lambda: bench.tcp_sockets(port, "0A") > 0, 30, f"{name} to listen")

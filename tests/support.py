@@ -284,3 +284,54 @@ def resolve(machine, timeout=RESOLVE_TIMEOUT):
 def health_of(pool, endpoint):
     """The pool's bookkeeping for `endpoint` (tests only: the gateway reads `pool.healths()`)."""
     return next(health for health in pool.healths() if health.endpoint.key == endpoint.key)
+
+
+# -- the user's pipe budget ------------------------------------------------------------------------
+# The kernel charges every pipe's size to its user (/proc/sys/fs/pipe-user-pages-soft) and, past
+# the budget, makes new pipes two pages long and refuses to grow them; a process with
+# CAP_SYS_RESOURCE or CAP_SYS_ADMIN is exempt. without_pipe_exemption() runs a command without
+# those two (util-linux's setpriv: the user stays the same, so root's files stay readable, even
+# in a chroot, where a user namespace cannot be made).
+
+SPEND_PIPE_BUDGET = """
+import fcntl, os, sys
+held = []
+while True:  # pipes of %d bytes while they last, then smaller ones until two pages
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    held.append((read_fd, write_fd))
+    if fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ) <= 2 * os.sysconf("SC_PAGE_SIZE"):
+        break
+    try:
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, %d)
+    except PermissionError:
+        pass
+    if len(held) > 100000:
+        sys.exit("the pipe budget never ran out")
+"""
+
+HOLD_UNTIL_STDIN_CLOSES = """
+print("spent", flush=True)
+sys.stdin.read()
+"""
+
+
+def spend_pipe_budget_script(pipe_bytes: int, then: str = "") -> str:
+    """A Python program that spends its user's pipe budget (holding the pipes in `held`), then
+    runs `then`."""
+    return SPEND_PIPE_BUDGET % (pipe_bytes, pipe_bytes) + then
+
+
+def without_pipe_exemption(*argv):
+    caps = "-sys_resource,-sys_admin"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *argv]
+
+
+def pipes_of(pid) -> int:
+    """How many pipe descriptors process `pid` holds."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return count

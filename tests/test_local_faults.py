@@ -17,7 +17,8 @@ import urllib.request
 import pytest
 
 import gateway
-from support import ROOT, Gateway, free_port, recv_exactly, wait_until
+from support import (HOLD_UNTIL_STDIN_CLOSES, ROOT, Gateway, free_port, pipes_of, recv_exactly,
+                     spend_pipe_budget_script, wait_until, without_pipe_exemption)
 from upstreams import EchoServer
 
 
@@ -65,42 +66,11 @@ def test_refresh_survives_an_unreadable_resolv_conf_and_resumes(tmp_path):
 
 
 # ----------------------------------------------------------------------- the user's pipe budget --
-# The kernel charges every pipe's size to its user (/proc/sys/fs/pipe-user-pages-soft) and, past
-# the budget, makes new pipes two pages long and refuses to grow them; a process with
-# CAP_SYS_RESOURCE or CAP_SYS_ADMIN is exempt. The tests run their processes without those two
-# (util-linux's setpriv; the user stays the same, so root's files stay readable, even in a chroot
-# where a user namespace cannot be made), spend the budget for real, and free it when these exit.
-
-SPEND_PIPE_BUDGET = """
-import fcntl, os, sys
-held = []
-while True:  # pipes of the gateway's size while they last, then smaller ones until two pages
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    held.append((read_fd, write_fd))
-    if fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ) <= 2 * os.sysconf("SC_PAGE_SIZE"):
-        break
-    try:
-        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, %d)
-    except PermissionError:
-        pass
-    if len(held) > 100000:
-        sys.exit("the pipe budget never ran out")
-"""
-
-
-HOLD_UNTIL_STDIN_CLOSES = """
-print("spent", flush=True)
-sys.stdin.read()
-"""
-
-
-def unprivileged(*argv):
-    caps = "-sys_resource,-sys_admin"
-    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *argv]
-
+# The tests spend the budget for real in processes of their own (support.spend_pipe_budget_script,
+# run without_pipe_exemption) and free it when these exit.
 
 def test_a_spent_pipe_budget_makes_the_pool_answer_copy_and_ask_again_later():
-    script = SPEND_PIPE_BUDGET % gateway.SPLICE_PIPE_BYTES + """
+    script = spend_pipe_budget_script(gateway.SPLICE_PIPE_BYTES, """
 import gateway
 pool = gateway.PipePool()
 descriptors = len(os.listdir("/proc/self/fd"))
@@ -112,24 +82,14 @@ for read_fd, write_fd in held:
 meanwhile = [pool.take() for _ in range(gateway.PIPE_RETRY_TAKES)]
 again = pool.take()
 print(spent, kept_none, meanwhile.count(None), again[2] if again else None)
-"""
-    done = subprocess.run(unprivileged(sys.executable, "-c", script), capture_output=True,
+""")
+    done = subprocess.run(without_pipe_exemption(sys.executable, "-c", script), capture_output=True,
                           text=True, timeout=60, cwd=str(ROOT))
     assert done.returncode == 0, done.stderr
     spent, kept_none, refused, capacity = done.stdout.split()
     assert spent == "None" and kept_none == "True"  # the two-page pipe was closed, not handed out
     assert int(refused) == gateway.PIPE_RETRY_TAKES  # without asking the kernel each time
     assert int(capacity) == gateway.SPLICE_PIPE_BYTES  # the budget is back: a full pipe again
-
-
-def pipes_of(pid):
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
-        except FileNotFoundError:
-            pass  # closed meanwhile
-    return count
 
 
 def echo_bulk(port, size):
@@ -147,7 +107,7 @@ def test_with_the_pipe_budget_spent_bulk_is_copied_intact_and_no_small_pipe_is_k
     upstream = EchoServer()
     port = free_port()
     gw = Gateway(["start", f"--listen-addr=127.0.0.1:{port}", f"--endpoints={upstream.endpoint}"],
-                 preexec=unprivileged())
+                 preexec=without_pipe_exemption())
     holder = None
     try:
         before = pipes_of(gw.pid)  # its stderr is one
@@ -157,8 +117,8 @@ def test_with_the_pipe_budget_spent_bulk_is_copied_intact_and_no_small_pipe_is_k
         assert pipes_of(gw.pid) >= before + 2
         assert wait_until(lambda: pipes_of(gw.pid) == before, timeout=30)  # trimmed once idle
         # Spent by another process of the same user: the same load is copied, through no pipe.
-        script = SPEND_PIPE_BUDGET % gateway.SPLICE_PIPE_BYTES + HOLD_UNTIL_STDIN_CLOSES
-        holder = subprocess.Popen(unprivileged(sys.executable, "-c", script), stdin=subprocess.PIPE,
+        script = spend_pipe_budget_script(gateway.SPLICE_PIPE_BYTES, HOLD_UNTIL_STDIN_CLOSES)
+        holder = subprocess.Popen(without_pipe_exemption(sys.executable, "-c", script), stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True)
         assert holder.stdout.readline() == "spent\n"
         sent, received = echo_bulk(port, 8 << 20)
