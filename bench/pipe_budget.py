@@ -19,19 +19,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests"), str(HERE.parent)]
-import run as bench  # noqa: E402  (bench/run.py: ports, CPU time, the Go gateway's binary)
+import gateway  # noqa: E402
+import run as bench  # noqa: E402  (bench/run.py: proxies' command lines, ports, CPU time)
 from support import (HOLD_UNTIL_STDIN_CLOSES, pipes_of, spend_pipe_budget_script,  # noqa: E402
                      without_pipe_exemption)
-
-PIPE_BYTES = 256 * 1024
-
-
-def proxy_argv(name: str, listen: int, backend: int, etcdbin: Path, baseline: Path) -> list:
-    flags = [f"--listen-addr=127.0.0.1:{listen}", f"--endpoints=127.0.0.1:{backend}"]
-    if name == "go":
-        return [str(etcdbin / "etcd"), "gateway", "start", *flags]
-    tree = baseline if name == "ours-base" else HERE.parent
-    return [sys.executable, str(tree / "gateway.py"), "start", *flags]
 
 
 def load(proxy: subprocess.Popen, port: int, reverse: bool, seconds: int) -> dict:
@@ -55,7 +46,9 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, help="a checkout whose gateway runs as ours-base")
     args = parser.parse_args()
     proxies = ["go", "ours"] + (["ours-base"] if args.baseline else [])
-    etcdbin = bench.find_etcdbin(None)
+    settings = bench.Settings(rounds=args.rounds, load_seconds=args.seconds, idle_conns=0,
+                              proxy_nofile=0, python=sys.executable, etcdbin=bench.find_etcdbin(None),
+                              workloads=[], baseline=args.baseline)
     backend = bench.free_port()
     server = subprocess.Popen(["taskset", "-c", "0", "iperf3", "-s", "-B", "127.0.0.1", "-p", str(backend)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -63,13 +56,13 @@ def main() -> int:
     try:
         for budget in ("free", "spent"):
             if budget == "spent":
-                spend = spend_pipe_budget_script(PIPE_BYTES, HOLD_UNTIL_STDIN_CLOSES)
+                spend = spend_pipe_budget_script(gateway.SPLICE_PIPE_BYTES, HOLD_UNTIL_STDIN_CLOSES)
                 holder = subprocess.Popen(without_pipe_exemption(sys.executable, "-c", spend),
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 assert holder.stdout.readline() == "spent\n"
             for rnd in range(args.rounds):
                 for name in proxies[rnd % len(proxies):] + proxies[:rnd % len(proxies)]:
-                    run_proxy(name, budget, rnd, args, etcdbin, backend)
+                    run_proxy(name, budget, rnd, settings, backend)
     finally:
         for proc in (holder, server):
             if proc is not None:
@@ -78,18 +71,18 @@ def main() -> int:
     return 0
 
 
-def run_proxy(name, budget, rnd, args, etcdbin, backend):
+def run_proxy(name, budget, rnd, settings, backend):
     port = bench.free_port()
-    argv = without_pipe_exemption(*proxy_argv(name, port, backend, etcdbin, args.baseline))
-    proxy = subprocess.Popen(["taskset", "-c", "1"] + argv,
+    argv = without_pipe_exemption(*bench.proxy_argv(name, port, backend, settings, HERE))
+    cwd = settings.baseline if name == "ours-base" else HERE.parent
+    proxy = subprocess.Popen(["taskset", "-c", "1"] + argv, cwd=str(cwd),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         bench.poll(lambda: bench.tcp_sockets(port, "0A") > 0, 30, f"{name} to listen")
         for reverse in (False, True):
-            bench.poll(lambda: bench.tcp_sockets(backend, "01") == 0, 30, "iperf3 to be idle")
-            time.sleep(0.2)
-            figures = load(proxy, port, reverse, args.seconds)
-            print(f"[round {rnd + 1}/{args.rounds}] budget {budget} {'down' if reverse else 'up':<4} "
+            bench.wait_iperf3_idle(backend)
+            figures = load(proxy, port, reverse, settings.load_seconds)
+            print(f"[round {rnd + 1}/{settings.rounds}] budget {budget} {'down' if reverse else 'up':<4} "
                   f"{name:<9} {figures['gbps']:6.2f} Gbit/s cpu {figures['cpu_us']:7.1f} µs/MB "
                   f"pipes {figures['pipes']}", file=sys.stderr, flush=True)
     finally:
