@@ -1738,18 +1738,27 @@ def health_request(endpoint: ep.Endpoint) -> bytes:
 
 
 def parse_health_reply(reply: bytes):
-    """(ok, reason) from etcd's reply to GET /health: 200 and {"health":"true"} is healthy."""
+    """(ok, reason) from etcd's reply to GET /health: 200 and a JSON object whose "health" is the
+    string "true" is healthy; otherwise the reason says the status and etcd's own "reason"."""
     head, _, body = reply.partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0].split()
     if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/"):
         return False, "not an HTTP reply"
-    compact = re.sub(rb"\s+", b"", body)
-    if status_line[1] == b"200" and b'"health":"true"' in compact:
+    fields = health_fields(body)
+    if status_line[1] == b"200" and fields.get("health") == "true":
         return True, ""
-    found = re.search(rb'"reason"\s*:\s*"([^"]*)"', body)
-    detail = found.group(1).decode("ascii", "replace") if found and found.group(1) else ""
+    detail = fields.get("reason")
     return False, "health %s%s" % (status_line[1].decode("ascii", "replace"),
-                                   ": " + detail if detail else "")
+                                   ": " + detail if isinstance(detail, str) and detail else "")
+
+
+def health_fields(body: bytes) -> dict:
+    """The JSON object a health reply carries; {} for anything else (cut short, not JSON)."""
+    try:
+        value = parse_json(body.decode("utf-8", "replace"))
+    except JsonError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 # ===================================================================================== status ==

@@ -22,6 +22,7 @@ def etcd_reply(status: bytes, body: bytes) -> bytes:
     etcd_reply(b"200 OK", b'{"health":"true"}'),
     etcd_reply(b"200 OK", b'{"health":"true","reason":""}'),  # etcd 3.5
     etcd_reply(b"200 OK", b'{\n  "health": "true"\n}\n'),
+    etcd_reply(b"200 OK", b'{"reason" : "", "health" :\t"true" }'),
     b'HTTP/1.0 200 OK\r\n\r\n{"health":"true"}',
 ])
 def test_health_true_with_200_is_healthy(reply):
@@ -40,7 +41,16 @@ def test_health_true_with_200_is_healthy(reply):
     (etcd_reply(b"200 OK", b""), "health 200"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\n{\"hea", "health 200"),  # cut short
     (etcd_reply(b"404 Not Found", b"404 page not found\n"), "health 404"),
-    (etcd_reply(b"503 x", b'{"health":"false","reason":"caf\xc3\xa9"}'), "health 503: caf\ufffd\ufffd"),
+    (etcd_reply(b"503 x", b'{"health":"false","reason":"caf\xc3\xa9"}'), "health 503: caf\u00e9"),
+    # The body is read as JSON, not searched for a pattern: spaces inside a string count, a
+    # "health" nested deeper or inside a string is not the member's, escapes are decoded.
+    (etcd_reply(b"200 OK", b'{"health":" true"}'), "health 200"),
+    (etcd_reply(b"200 OK", b'{"health":"false","status":{"health":"true"}}'), "health 200"),
+    (etcd_reply(b"200 OK", b'{"health":"false","reason":"\\"health\\":\\"true\\""}'),
+     'health 200: "health":"true"'),
+    (etcd_reply(b"200 OK", b'[{"health":"true"}]'), "health 200"),
+    (etcd_reply(b"503 x", b'{"health":"false","reason":"a \\"b\\" \\u00e9"}'), 'health 503: a "b" \u00e9'),
+    (etcd_reply(b"503 x", b'{"health":"false","reason":["NOSPACE"]}'), "health 503"),
 ])
 def test_anything_else_is_unhealthy_with_the_status_and_etcds_reason(reply, reason):
     assert gateway.parse_health_reply(reply) == (False, reason)

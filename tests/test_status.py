@@ -703,7 +703,8 @@ def test_random_bytes_cannot_crash_or_leak(echo):
 
 def _odd_health_reply(conn):
     """An etcd-like /health reply whose reason has spaces (as etcd's "RAFT NO LEADER" does), a
-    backslash, control and non-ASCII bytes; formatted with spaces after the colons."""
+    backslash, control characters (escaped, as Go's encoding/json writes them) and non-ASCII
+    bytes; formatted with spaces after the colons."""
     conn.settimeout(IO_TIMEOUT)
     data = b""
     while b"\r\n\r\n" not in data and len(data) < 65536:
@@ -711,7 +712,7 @@ def _odd_health_reply(conn):
         if not chunk:
             return data
         data += chunk
-    body = b'{"health":"false", "reason": "no leader back\\\\slash\x01bell\x07caf\xc3\xa9"}'
+    body = b'{"health":"false", "reason": "no leader back\\\\slash\\u0001bell\\u0007caf\xc3\xa9"}'
     conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                  b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     return data
@@ -753,7 +754,7 @@ def test_json_log_lines_parse_with_json_loads(refusing):
     odd_reasons = [r["reason"] for r in records
                    if r["msg"] == "endpoint unhealthy" and r["endpoint"] == odd.endpoint]
     # etcd's reason text survives intact: spaces, a backslash, control characters.
-    assert odd_reasons and "no leader back\\\\slash\x01bell\x07caf" in odd_reasons[0], odd_reasons
+    assert odd_reasons and "no leader back\\slash\x01bell\x07caf\u00e9" in odd_reasons[0], odd_reasons
     closed = next(r for r in records if r["msg"] == "connection closed")
     assert isinstance(closed["bytes_in"], int) and isinstance(closed["bytes_out"], int), closed
 
