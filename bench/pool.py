@@ -4,8 +4,11 @@
     python3 bench/pool.py bench/runs/*.log
     python3 bench/pool.py --reference ours-base A.log B.log C.log   # after ÷ before, paired
     python3 bench/pool.py --quartiles bench/runs/*.log   # the middle half instead of min-max
+    python3 bench/pool.py --interval bench/runs/*.log    # a 95 % interval of the median itself
 
-Each cell is the median of the paired per-round ratios with their min-max (or quartiles).
+Each cell is the median of the paired per-round ratios with their min-max (or quartiles, or a
+bootstrap 95 % interval of the median: resampling the rounds, how far the median itself could
+be from where the rounds put it; a goal inside that interval is neither met nor missed).
 
 bench/run.py prints one progress line per (round, workload, proxy) on stderr. Within a round
 the proxies ran minutes apart on the same machine, so the ratio of ours to the Go gateway *in
@@ -14,6 +17,7 @@ every round of every run given is steadier than any single run's ratio of median
 runs of the same gateway code: the rows mean what that commit's defaults meant (see
 bench/runs/README.md).
 """
+import random
 import re
 import statistics
 import sys
@@ -57,25 +61,35 @@ def paired_ratios(by_round: Dict[tuple, Dict[str, Figures]], proxy: str,
     return columns
 
 
-def cell(ratios: List[float], quartiles: bool = False) -> str:
+def cell(ratios: List[float], spread: str = "range") -> str:
     """The median with the min-max of the rounds (a cell whose rounds straddle a target shows
-    it), or with the quartiles: the middle half of the rounds."""
+    it), with the quartiles (the middle half of the rounds), or with the interval of the median."""
     if not ratios:
         return "–"
-    if quartiles and len(ratios) >= 2:
+    if spread == "quartiles" and len(ratios) >= 2:
         low, _, high = statistics.quantiles(ratios, n=4)
+    elif spread == "interval":
+        low, high = median_interval(ratios)
     else:
         low, high = min(ratios), max(ratios)
     return "%.2f (%.2f-%.2f)" % (statistics.median(ratios), low, high)
 
 
+def median_interval(ratios: List[float], draws: int = 2000, seed: int = 16) -> Tuple[float, float]:
+    """A bootstrap 95 % interval of the median: the rounds resampled with replacement `draws`
+    times (seeded, so a table is the same each time it is rebuilt)."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
+
+
 def main(argv: List[str]) -> int:
-    reference, quartiles = "go", False
-    while argv[:1] in (["--reference"], ["--quartiles"]):
-        if argv[0] == "--quartiles":
-            quartiles, argv = True, argv[1:]
-        else:
+    reference, spread = "go", "range"
+    while argv[:1] in (["--reference"], ["--quartiles"], ["--interval"]):
+        if argv[0] == "--reference":
             reference, argv = argv[1], argv[2:]
+        else:
+            spread, argv = argv[0][2:], argv[1:]
     if not argv:
         sys.exit(__doc__)
     rounds = read_rounds(argv)
@@ -89,7 +103,7 @@ def main(argv: List[str]) -> int:
         if workload == "idle scale":
             continue
         paired = sum(1 for proxies_ in by_round.values() if reference in proxies_ and "ours" in proxies_)
-        cells = [cell(c, quartiles) for p in proxies for c in paired_ratios(by_round, p, reference)]
+        cells = [cell(c, spread) for p in proxies for c in paired_ratios(by_round, p, reference)]
         print(f"| {workload} | {paired} | " + " | ".join(cells) + " |")
     return 0
 

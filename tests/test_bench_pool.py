@@ -1,0 +1,71 @@
+"""bench/pool.py, which turns the benchmark's progress logs into the README's table: the paired
+ratios it reads from what bench/run.py writes, and the interval of the median that says whether
+a pooled cell meets a goal."""
+import contextlib
+import io
+import statistics
+import sys
+
+from hypothesis import given, strategies as st
+
+from support import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import pool  # noqa: E402  (bench/ is not a package: its files are run as scripts)
+import run  # noqa: E402
+
+BULK = run.Workload("bulk-8-up", "bulk 8 streams up", "Gbit/s", "µs/MB", None)
+HTTP = run.Workload("http-64", "http keep-alive c=64", "req/s", "µs/req", None)
+# (round, workload, proxy, figures) as bench/run.py measures them; rounds list proxies in turn.
+ROUNDS = [
+    (0, BULK, "go", dict(value=10.0, cpu_us=300.0, core_us=310.0, machine_us=800.0, steal=0)),
+    (0, BULK, "ours", dict(value=12.0, cpu_us=270.0, core_us=279.0, machine_us=760.0, steal=0)),
+    (1, BULK, "ours", dict(value=9.0, cpu_us=330.0, core_us=341.0, machine_us=880.0, steal=0)),
+    (1, BULK, "go", dict(value=10.0, cpu_us=300.0, core_us=310.0, machine_us=800.0, steal=0)),
+    (0, HTTP, "go", dict(value=50000.0, p99=1.0, cpu_us=15.0, core_us=15.0, machine_us=30.0)),
+    (0, HTTP, "ours", dict(value=55000.0, p99=0.5, cpu_us=13.5, core_us=13.5, machine_us=28.5)),
+]
+
+
+def progress_log(tmp_path):
+    """A progress log written by bench/run.py's own progress()."""
+    with contextlib.redirect_stderr(io.StringIO()) as lines:
+        for rnd, workload, proxy, figures in ROUNDS:
+            run.progress(rnd, 2, proxy, workload, figures)
+    log = tmp_path / "run.log"
+    log.write_text(lines.getvalue())
+    return str(log)
+
+
+ratios = st.lists(st.floats(min_value=0.1, max_value=10.0), min_size=1, max_size=40)
+
+
+def test_rounds_are_paired_within_a_round(tmp_path):
+    rounds = pool.read_rounds([progress_log(tmp_path)])
+    throughput, cpu, core, machine, p99 = pool.paired_ratios(rounds["bulk 8 streams up"], "ours", "go")
+    assert sorted(throughput) == [0.9, 1.2]
+    assert sorted(cpu) == [0.9, 1.1] and sorted(machine) == [0.95, 1.1] and p99 == []
+    assert pool.paired_ratios(rounds["http keep-alive c=64"], "ours", "go")[4] == [0.5]
+
+
+@given(ratios)
+def test_the_interval_of_the_median_holds_it_and_lies_within_the_rounds(values):
+    low, high = pool.median_interval(values, draws=200)
+    assert min(values) <= low <= statistics.median(values) <= high <= max(values)
+    assert pool.median_interval(values, draws=200) == (low, high)  # seeded: a table rebuilds alike
+
+
+def test_the_interval_narrows_with_more_rounds_and_vanishes_when_they_agree():
+    assert pool.median_interval([1.07] * 9) == (1.07, 1.07)
+    wide = pool.median_interval([0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3])
+    narrow = pool.median_interval([0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3] * 4)
+    assert wide[0] < narrow[0] <= 1.0 <= narrow[1] < wide[1]
+
+
+def test_a_cell_is_the_median_and_its_bounds(tmp_path, capsys):
+    log = progress_log(tmp_path)
+    for flag, bounds in (([], "(0.90-1.20)"), (["--interval"], "(0.90-1.20)")):
+        assert pool.main(flag + [log]) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines()
+                   if line.startswith("| bulk 8 streams up |"))
+        assert row.startswith("| bulk 8 streams up | 2 | 1.05 %s |" % bounds), (flag, row)
