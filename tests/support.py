@@ -23,15 +23,17 @@ READY_RE = re.compile(r"ready to proxy client requests to \[(.*)\]")
 IO_TIMEOUT = 20.0  # per blocking socket call: only "did not hang"
 
 
-def _load_build_pyz():
-    """tools/build_pyz.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("build_pyz", str(ROOT / "tools" / "build_pyz.py"))
+def load_script(relative_path: str):
+    """A script of the checkout (tools/, bench/: not packages) as a module, without putting its
+    directory on sys.path, where its names could shadow others for the rest of the session."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, str(path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-build_pyz = _load_build_pyz()
+build_pyz = load_script("tools/build_pyz.py")
 
 
 def launcher_argv(launcher: str = "module"):

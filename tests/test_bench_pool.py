@@ -4,15 +4,13 @@ a pooled cell meets a goal."""
 import contextlib
 import io
 import statistics
-import sys
 
 from hypothesis import given, strategies as st
 
-from support import ROOT
+from support import load_script
 
-sys.path.insert(0, str(ROOT / "bench"))
-import pool  # noqa: E402  (bench/ is not a package: its files are run as scripts)
-import run  # noqa: E402
+pool = load_script("bench/pool.py")
+run = load_script("bench/run.py")
 
 BULK = run.Workload("bulk-8-up", "bulk 8 streams up", "Gbit/s", "µs/MB", None)
 HTTP = run.Workload("http-64", "http keep-alive c=64", "req/s", "µs/req", None)
