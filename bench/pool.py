@@ -93,7 +93,7 @@ def main(argv: List[str]) -> int:
     if not argv:
         sys.exit(__doc__)
     rounds = read_rounds(argv)
-    proxies = [p for p in ("ours", "ours-busy", "ours-nospin", "ours-base", "haproxy")
+    proxies = [p for p in ("ours", "ours-busy", "ours-nospin", "ours-base", "haproxy", "floor")
                if p != reference and any(p in by_proxy for r in rounds.values() for by_proxy in r.values())]
     x = "×" + reference
     print("| workload | rounds | " + " | ".join(f"{p} {x} | CPU {x} | core {x} | machine {x} | p99 {x}"

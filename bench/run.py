@@ -1,6 +1,6 @@
 """Side-by-side benchmark: no proxy, the Go gateway, HAProxy (mode tcp) and ours (issue 4).
 
-    python3 bench/run.py [--rounds 3] [--quick] [--proxies none,go,haproxy,ours,ours-nospin]
+    python3 bench/run.py [--rounds 3] [--quick] [--proxies none,go,haproxy,ours,ours-nospin,floor]
     python3 bench/run.py --baseline ../old-checkout --proxies go,ours,ours-base   # A/B in one run
     python3 bench/run.py --rounds 9 --workloads http-1,http-paced    # a focused comparison
     python3 bench/run.py --rounds 3 2> bench/runs/DATE-COMMIT.log   # keep the per-round lines
@@ -30,8 +30,11 @@ loads the proxy core's share moves from round to round while the machine's total
 `--busy-poll=0`, so every run shows what the spin buys and costs (on this VM waking a halted
 vCPU costs more than a short spin, which shows most at one connection; `http-paced`, one
 connection with 1 ms think time, shows its price).  The idle-scale group skips ours-nospin
-(spinning does nothing for idle connections).  Each load also records the host's steal time
-(/proc/stat) while it ran: a high figure marks a round the host disturbed.
+(spinning does nothing for idle connections).  `floor` is bench/floor.py, the least Python
+that relays a connection with ours' system calls: beside ours it shows what any Python relay
+costs and what the gateway's own work adds. It runs the nginx and etcd groups only (it copies
+where ours splices, so its bulk figure would be no floor for ours).  Each load also records the
+host's steal time (/proc/stat) while it ran: a high figure marks a round the host disturbed.
 
 Everything listens on 127.0.0.1 on free ports, keeps its files in one temporary directory,
 every load is bounded in time, and only the processes started here are stopped, by PID.
@@ -67,7 +70,10 @@ ETCD_VALUE_B64 = base64.b64encode(b"v" * 100).decode()  # a 100-byte value, like
 HTTP_CONNS = (1, 64, 512)
 CHURN_CONNS = 64
 ETCD_CONNS = 64
-PROXY_ORDER = ("none", "go", "haproxy", "ours", "ours-nospin", "ours-base")
+PROXY_ORDER = ("none", "go", "haproxy", "ours", "ours-nospin", "ours-base", "floor")
+# ours-base needs --baseline, which adds it
+DEFAULT_PROXIES = tuple(name for name in PROXY_ORDER if name != "ours-base")
+FLOOR_GROUPS = ("nginx", "nginx-churn", "etcd")
 PACED_THINK_MS = 1  # think time between the requests of the paced load
 
 
@@ -316,6 +322,9 @@ def proxy_argv(name: str, listen: int, backend: int, settings: Settings, tmp: Pa
         spin = ["--busy-poll=0"] if name == "ours-nospin" else []
         return [settings.python, "-m", "gateway", "start",
                 f"--listen-addr={HOST}:{listen}", f"--endpoints={HOST}:{backend}"] + spin
+    if name == "floor":
+        return [settings.python, str(BENCH_DIR / "floor.py"),
+                f"--listen-addr={HOST}:{listen}", f"--endpoints={HOST}:{backend}"]
     if name == "haproxy":
         conf = tmp / f"haproxy-{listen}.cfg"
         conf.write_text(f"""global
@@ -591,6 +600,8 @@ def run_all(started: Started, proxies: List[str], settings: Settings):
             for name in order:
                 if name == "ours-nospin" and group_name == "nginx-idle":
                     continue
+                if name == "floor" and group_name not in FLOOR_GROUPS:
+                    continue
                 run_group(started, rnd, name, group_name, backend, workloads, settings, results)
     return results, [w for _, _, workloads in groups for w in workloads]
 
@@ -758,6 +769,7 @@ def report(results, proxies: List[str], workloads: List[Workload], settings: Set
             "spread of the rounds around their median; steal % = the host's steal time during "
             "the load, in % of both cores (high = a disturbed round). "
             "ours-nospin = ours with --busy-poll=0 (ours spins up to 50us by default). "
+            "floor = bench/floor.py, the least Python relay (nginx and etcd loads only). "
             f"etcd runs with --unsafe-no-fsync; wrk -t1; every proxy gets "
             f"RLIMIT_NOFILE {settings.proxy_nofile}.", ""]
     body = main_table(results, proxies, workloads) + [
@@ -790,7 +802,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     # +-20 %, and with two a single disturbed round moves the run's figure by half of that.
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="1s loads, 2,000 idle connections")
-    ap.add_argument("--proxies", default=",".join(PROXY_ORDER),
+    ap.add_argument("--proxies", default=",".join(DEFAULT_PROXIES),
                     help="comma separated subset of " + ",".join(PROXY_ORDER))
     ap.add_argument("--idle-conns", type=int, default=None)
     ap.add_argument("--seconds", type=int, default=None, help="duration of each load")

@@ -67,3 +67,11 @@ def test_a_cell_is_the_median_and_its_bounds(tmp_path, capsys):
         row = next(line for line in capsys.readouterr().out.splitlines()
                    if line.startswith("| bulk 8 streams up |"))
         assert row.startswith("| bulk 8 streams up | 2 | 1.05 %s |" % bounds), (flag, row)
+
+
+def test_the_default_run_needs_no_baseline():
+    """`python3 bench/run.py` alone runs: ours-base comes only with --baseline (which adds it),
+    and the floor runs by default beside ours."""
+    proxies = run.parse_args([]).proxies.split(",")
+    assert "ours-base" not in proxies
+    assert {"go", "haproxy", "ours", "floor"} <= set(proxies)
