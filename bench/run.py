@@ -699,6 +699,8 @@ def main_table(results, proxies: List[str], workloads: List[Workload]) -> List[s
         for p in proxies:
             m, none, go = med[p], med.get("none", {}), med.get("go", {})
             rows = results.get((w.key, p), [])
+            if not rows:
+                continue  # a proxy that does not run this load (floor on bulk)
             failed = sum(1 for r in rows if "failed" in r)
             errors = " ".join(filter(None, (str(sum(r.get("errors", 0) for r in rows) or ""),
                                             f"{failed} round(s) FAILED" if failed else "")))

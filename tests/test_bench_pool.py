@@ -75,3 +75,14 @@ def test_the_default_run_needs_no_baseline():
     proxies = run.parse_args([]).proxies.split(",")
     assert "ours-base" not in proxies
     assert {"go", "haproxy", "ours", "floor"} <= set(proxies)
+
+
+def test_the_table_leaves_out_a_proxy_that_did_not_run_a_load():
+    """The floor runs no bulk load: no row of dashes for it there."""
+    results = {("bulk-8-up", "go"): [dict(value=10.0, cpu_us=300.0)],
+               ("http-64", "go"): [dict(value=50000.0, cpu_us=15.0)],
+               ("http-64", "floor"): [dict(value=52000.0, cpu_us=14.0)]}
+    rows = run.main_table(results, ["go", "floor"], [BULK, HTTP])
+    assert [row.split(" | ")[:2] for row in rows[2:]] == [
+        ["| bulk 8 streams up", "go"], ["| http keep-alive c=64", "go"],
+        ["| http keep-alive c=64", "floor"]]
