@@ -43,6 +43,8 @@ class Side:
 
 
 class Floor:
+    """The listener, epoll and every relayed pair; `upstream` is (family, sockaddr)."""
+
     def __init__(self, listen, upstream):
         self.upstream = upstream
         self.listener = socket.create_server(listen, backlog=4096)
@@ -197,10 +199,12 @@ class Floor:
 
 
 def connected(sock):
+    """Whether a connect completed inside connect() (tcp_info's state is ESTABLISHED), as ours asks."""
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 1
 
 
 def hostport(text):
+    """"host:port" or "[v6]:port" as (host, port)."""
     host, _, port = text.rpartition(":")
     return host.strip("[]"), int(port)
 
