@@ -128,8 +128,8 @@ class Floor:
                 self.update(side)  # stops reading until the peer has taken it
                 self.update(peer)
             if not events & RDHUP or count == CHUNK:
-                return  # a short read with the peer's FIN in took the last bytes
-        self.eof(side)
+                return  # no FIN yet, or a full read: more may come
+        self.eof(side)  # a read of 0, or a short one with the peer's FIN in: that was the last
 
     def eof(self, side):
         side.eof = True

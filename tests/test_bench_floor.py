@@ -45,14 +45,16 @@ def test_connections_one_after_another_are_relayed(floor_in_front_of):
 
 
 def test_bulk_both_ways_at_once_arrives_intact(floor_in_front_of):
-    """8 MiB echoed through a server that stops reading at 256 KiB unsent: the relay queues, and
-    stops reading the client until the queue drains."""
-    payload = bytes(range(256)) * (32 * 1024)
+    """32 MiB echoed to a client that reads only after a pause: the echo server, unable to send,
+    stops reading at 256 KiB unsent, so the relay queues in both directions and stops reading
+    each side until its queue drains."""
+    payload = bytes(range(256)) * (32 * 4096)
     with EchoServer() as echo:
         address = floor_in_front_of(echo.endpoint)
         with socket.create_connection(address, timeout=IO_TIMEOUT) as sock:
             sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
             sender.start()
+            sender.join(0.5)  # not reading yet: the point is the back-pressure
             echoed = recv_exactly(sock, len(payload))
             sender.join(IO_TIMEOUT)
             sock.shutdown(socket.SHUT_WR)
