@@ -5,6 +5,7 @@
     python3 bench/pool.py --reference ours-base A.log B.log C.log   # after ÷ before, paired
     python3 bench/pool.py --quartiles bench/runs/*.log   # the middle half instead of min-max
     python3 bench/pool.py --interval bench/runs/*.log    # a 95 % interval of the median itself
+    python3 bench/pool.py --goals bench/runs/*.log       # issue 16's goals: met, missed, undecided
 
 Each cell is the median of the paired per-round ratios with their min-max (or quartiles, or a
 bootstrap 95 % interval of the median: resampling the rounds, how far the median itself could
@@ -22,6 +23,8 @@ import re
 import statistics
 import sys
 from typing import Dict, List, Optional, Tuple
+
+import goals
 
 PROGRESS = re.compile(r"\[round (\d+)/\d+\] (.+?)\s{2,}(\S+)\s+([\d.]+) \S+"
                       r"(?: p99 ([\d.]+) ms)?(?: cpu ([\d.]+) \S+)?(?: core ([\d.]+) \S+)?"
@@ -83,16 +86,42 @@ def median_interval(ratios: List[float], draws: int = 2000, seed: int = 16) -> T
     return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
 
 
+MEASURES = {goals.THROUGHPUT: 0, goals.CPU: 1, goals.CORE_CPU: 2}  # paired_ratios' columns
+
+
+def goal_report(rounds: Dict[str, Dict[tuple, Dict[str, Figures]]], paths: List[str]) -> List[str]:
+    """Issue 16's goals over every round given, each with the interval of its median, and the
+    per-run floors checked on each run's own medians."""
+    def ratios(workload, measure, reference):
+        return paired_ratios(rounds.get(workload, {}), "ours", reference)[MEASURES[measure]]
+
+    lines = goals.goal_table(ratios, median_interval) + [""]
+    for run, path in enumerate(paths):
+        medians = {}
+        for workload, by_round in rounds.items():
+            of_run = {key: proxies for key, proxies in by_round.items() if key[0] == run}
+            throughput = paired_ratios(of_run, "ours", "go")[0]
+            if throughput and workload != "idle scale":
+                medians[workload] = statistics.median(throughput)
+        lines.append(f"{path}: {goals.run_floor_summary(medians)}")
+    return lines
+
+
 def main(argv: List[str]) -> int:
-    reference, spread = "go", "range"
-    while argv[:1] in (["--reference"], ["--quartiles"], ["--interval"]):
+    reference, spread, show_goals = "go", "range", False
+    while argv[:1] in (["--reference"], ["--quartiles"], ["--interval"], ["--goals"]):
         if argv[0] == "--reference":
             reference, argv = argv[1], argv[2:]
+        elif argv[0] == "--goals":
+            show_goals, argv = True, argv[1:]
         else:
             spread, argv = argv[0][2:], argv[1:]
     if not argv:
         sys.exit(__doc__)
     rounds = read_rounds(argv)
+    if show_goals:
+        print("\n".join(goal_report(rounds, argv)))
+        return 0
     proxies = [p for p in ("ours", "ours-busy", "ours-nospin", "ours-base", "haproxy", "floor")
                if p != reference and any(p in by_proxy for r in rounds.values() for by_proxy in r.values())]
     x = "×" + reference

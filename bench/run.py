@@ -59,6 +59,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional
 
+import goals
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 LOADGEN_CPU = 0
@@ -717,6 +719,30 @@ def main_table(results, proxies: List[str], workloads: List[Workload]) -> List[s
     return lines
 
 
+MEASURE_KEYS = {goals.THROUGHPUT: "value", goals.CPU: "cpu_us", goals.CORE_CPU: "core_us"}
+
+
+def paired_ratios(results, workloads: List[Workload], label: str, measure: str,
+                  reference: str) -> List[float]:
+    """Ours ÷ `reference` for the workload labelled `label`, round by round (each proxy's rows
+    are in round order, a failed round included, so the lists line up)."""
+    key = next((w.key for w in workloads if w.label == label), None)
+    field = MEASURE_KEYS[measure]
+    pairs = zip(results.get((key, "ours"), []), results.get((key, reference), []))
+    return [a[field] / b[field] for a, b in pairs if a.get(field) and b.get(field)]
+
+
+def goal_lines(results, workloads: List[Workload]) -> List[str]:
+    """Issue 16's goals on this run's rounds, and its per-run floors on the medians."""
+    def ratios(label, measure, reference):
+        return paired_ratios(results, workloads, label, measure, reference)
+
+    medians = {w.label: statistics.median(paired) for w in workloads if w.key != "idle"
+               for paired in [ratios(w.label, goals.THROUGHPUT, "go")] if paired}
+    return goals.goal_table(ratios) + ["", "Per-run floors (this run's medians of the paired ratios): "
+                                       + goals.run_floor_summary(medians) + "."]
+
+
 def idle_table(results, proxies: List[str], tried: int) -> List[str]:
     lines = ["| proxy | connections held | RSS KiB/conn | RSS ×go | fds/conn | proxy CPU µs/conn "
              "| proxy alive after | request answered |", "|---|---:|---:|---:|---:|---:|---|---|"]
@@ -775,6 +801,9 @@ def report(results, proxies: List[str], workloads: List[Workload], settings: Set
             f"etcd runs with --unsafe-no-fsync; wrk -t1; every proxy gets "
             f"RLIMIT_NOFILE {settings.proxy_nofile}.", ""]
     body = main_table(results, proxies, workloads) + [
+        "", "Issue 16's goals, on ours ÷ the reference in the same round (bench/goals.py; "
+        "`python3 bench/pool.py --goals LOGS` pools runs and adds the interval of each median):",
+        ""] + goal_lines(results, workloads) + [
         "", f"Idle scale: up to {settings.idle_conns} idle connections opened through the proxy "
         f"in batches under a {settings.proxy_nofile}-descriptor limit; held = the most that were "
         "established at nginx while the proxy was alive (per round); RSS and descriptors "

@@ -24,12 +24,17 @@ IO_TIMEOUT = 20.0  # per blocking socket call: only "did not hang"
 
 
 def load_script(relative_path: str):
-    """A script of the checkout (tools/, bench/: not packages) as a module, without putting its
-    directory on sys.path, where its names could shadow others for the rest of the session."""
+    """A script of the checkout (tools/, bench/: not packages) as a module. Its directory is on
+    sys.path only while it loads (a script imports its siblings, as when run), not for the rest
+    of the session, where its names could shadow others."""
     path = ROOT / relative_path
     spec = importlib.util.spec_from_file_location(path.stem, str(path))
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 
