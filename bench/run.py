@@ -646,13 +646,20 @@ def run_group(started: Started, rnd: int, name: str, group_name: str, backend: i
             results.setdefault((pending[0].key, name), []).append(figures)
             progress(rnd, settings.rounds, name, pending.pop(0), figures)
     except PROXY_FAILURES as exc:
-        print(f"[round {rnd + 1}/{settings.rounds}] {name} FAILED at "
-              f"{pending[0].label}: {exc}\n{started.log_tail(name)}", file=sys.stderr)
-        for w in pending:
-            results.setdefault((w.key, name), []).append({"failed": str(exc)})
+        record_failure(started, rnd, settings, name, pending, exc, results)
     finally:
         if proxy and proxy.proc:
             started.stop(proxy.proc)
+
+
+def record_failure(started: Started, rnd: int, settings: Settings, name: str,
+                   pending: List[Workload], exc: Exception, results: Dict[tuple, List[dict]]):
+    """A proxy failed before the loads `pending`: say so with its log, and give each of them a
+    failed row for this round, so that every proxy's rows stay one per round."""
+    print(f"[round {rnd + 1}/{settings.rounds}] {name} FAILED at "
+          f"{pending[0].label}: {exc}\n{started.log_tail(name)}", file=sys.stderr)
+    for w in pending:
+        results.setdefault((w.key, name), []).append({"failed": str(exc)})
 
 
 def run_group_by_load(started: Started, rnd: int, names: List[str], group_name: str, backend: int,
@@ -664,10 +671,7 @@ def run_group_by_load(started: Started, rnd: int, names: List[str], group_name: 
     live: Dict[str, Proxy] = {}
 
     def failed(name: str, pending: List[Workload], exc: Exception):
-        print(f"[round {rnd + 1}/{settings.rounds}] {name} FAILED at "
-              f"{pending[0].label}: {exc}\n{started.log_tail(name)}", file=sys.stderr)
-        for w in pending:
-            results.setdefault((w.key, name), []).append({"failed": str(exc)})
+        record_failure(started, rnd, settings, name, pending, exc, results)
         proxy = live.pop(name, None)
         if proxy and proxy.proc:
             started.stop(proxy.proc)
