@@ -298,6 +298,11 @@ class Health:
         return "<Health %s %s active=%d>" % (self.endpoint, state, self.active)
 
 
+def moved_first(items: list, first) -> list:
+    """`items` with `first` moved to the front."""
+    return [first] + [item for item in items if item != first]
+
+
 class Pool:
     """The current endpoint set, their health, and the policy that picks one for a new connection."""
 
@@ -363,6 +368,13 @@ class Pool:
         """
         if self._sticky_plan is not None:
             return list(self._sticky_plan)  # every new connection asks: keep it cheap
+        plan = self._new_plan()
+        if self.policy == "sticky":
+            self._sticky_plan = plan
+        return list(plan)
+
+    def _new_plan(self) -> List[Endpoint]:
+        # Apart from plan(): its lambdas' closure cells would be made on every call of plan().
         health = self._health
         up = [endpoint for endpoint in self._order if health[endpoint.key].up]
         down = [endpoint for endpoint in self._order if not health[endpoint.key].up]
@@ -370,10 +382,7 @@ class Pool:
         first = self._choose([endpoint for endpoint in up if health[endpoint.key].healthy] or up)
         rest = sorted((endpoint for endpoint in up if endpoint is not first),
                       key=lambda endpoint: (not health[endpoint.key].healthy, endpoint.priority))
-        plan = ([first] if first is not None else []) + rest + down
-        if self.policy == "sticky":
-            self._sticky_plan = plan
-        return list(plan)
+        return ([first] if first is not None else []) + rest + down
 
     def _choose(self, up: List[Endpoint]) -> Optional[Endpoint]:
         best_class = lowest_priority_class(up)
@@ -475,8 +484,8 @@ class Pool:
         entry.active += 1
         order = entry.dial_order
         if address is not None and order and order[0] != address and address in order:
-            entry.dial_order = [address] + [other for other in order if other != address]
-        return self._bring_up(entry)
+            entry.dial_order = moved_first(order, address)
+        return entry.down_until is not None and self._bring_up(entry)  # most are up: no call
 
     def connection_closed(self, endpoint: Endpoint) -> None:
         entry = self._health.get((endpoint.host, endpoint.port))

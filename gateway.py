@@ -536,12 +536,17 @@ class Reactor:
         """Stop watching `sock`. `closing`: the caller closes it right away, and epoll drops a
         closed descriptor by itself, so the system call is skipped."""
         fd = sock.fileno()
-        if fd < 0:  # closed already (as selectors, find it by identity): epoll dropped it
-            fd = next((fd for fd, entry in self._handlers.items() if entry[0] is sock), -1)
+        if fd < 0:  # closed already: epoll dropped it
+            fd = self._fd_of_closed(sock)
             closing = True
         del self._handlers[fd]
         if not (closing and self._epoll):
             self.poller.unregister(fd)
+
+    def _fd_of_closed(self, sock) -> int:
+        """The descriptor a closed socket was registered with (as selectors, found by identity).
+        Apart from unregister(): the generator's closure cell would be made on every call."""
+        return next((fd for fd, entry in self._handlers.items() if entry[0] is sock), -1)
 
     def watched(self) -> int:
         """How many sockets are registered."""
@@ -565,14 +570,21 @@ class Reactor:
             self._cancelled_in_heap += 1
             # Dial timers are cancelled by the thousand under churn; do not let the heap hoard them.
             if self._cancelled_in_heap > 512 and self._cancelled_in_heap * 2 > len(self._timers):
-                self._timers = [entry for entry in self._timers if not entry[2].cancelled]
+                # In place: run() holds the list.
+                self._timers[:] = [entry for entry in self._timers if not entry[2].cancelled]
                 heapq.heapify(self._timers)
                 self._cancelled_in_heap = 0
 
-    def _run_due_timers(self) -> None:
+    def _run_due_timers(self) -> Optional[float]:
+        """Fire the timers that are due; the seconds until the next one (None: there is none)."""
+        timers = self._timers
+        if not timers:
+            return None
         now = self.clock()
-        while self._timers and self._timers[0][0] <= now:
-            timer = heapq.heappop(self._timers)[2]
+        if timers[0][0] > now:
+            return timers[0][0] - now  # the common case: one clock read, no call
+        while timers and timers[0][0] <= now:
+            timer = heapq.heappop(timers)[2]
             if timer.cancelled:
                 self._cancelled_in_heap -= 1
                 continue
@@ -581,6 +593,7 @@ class Reactor:
                 timer.callback(*timer.args)
             except Exception as exc:  # a bug in one timer must not stop the gateway
                 self.log.error("timer callback failed", callback=repr(timer.callback), error=repr(exc))
+        return self._select_timeout()
 
     def _select_timeout(self) -> Optional[float]:
         if not self._timers:
@@ -620,10 +633,10 @@ class Reactor:
         handlers = self._handlers
         reported = _REPORTED
         while self._running:
-            self._run_due_timers()
+            timeout = self._run_due_timers()
             if not self._running:
                 break
-            for fd, events in self._wait(poll, self._select_timeout()):
+            for fd, events in self._wait(poll, timeout):
                 entry = handlers.get(fd)
                 if entry is None:
                     continue  # unregistered earlier in this same batch of events
@@ -790,13 +803,15 @@ class KeepAliveLater:
 
 
 STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+NEEDS_SETBLOCKING = STREAM_NONBLOCK == socket.SOCK_STREAM  # no SOCK_NONBLOCK: one more system call
 # The C socket type under socket.socket, for the sockets of relays and probes: socket.socket's
 # Python layer makes its __init__ and close() Python frames (about 6 % of a short connection's
 # user instructions) and adds what none of them uses (makefile, a context manager). ssl wraps it alike.
 CSocket = _socket.socket
 
 
-IPPROTO_TCP, TCP_INFO = socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", None)
+IPPROTO_TCP, TCP_NODELAY, TCP_INFO = socket.IPPROTO_TCP, socket.TCP_NODELAY, getattr(socket, "TCP_INFO", None)
+SHUT_WR = socket.SHUT_WR
 TCP_ESTABLISHED = 1  # tcp_info's first byte, tcpi_state (Linux's include/net/tcp_states.h)
 
 
@@ -853,6 +868,7 @@ LOCAL_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # buffers, or out of ephemeral ports (EADDRNOTAVAIL; EAGAIN on older kernels and for some
 # socket families). Such a failure never marks an endpoint down.
 DIAL_LOCAL_ERRNOS = LOCAL_ERRNOS + (errno.EADDRNOTAVAIL, errno.EAGAIN)
+EINPROGRESS = errno.EINPROGRESS
 
 
 class Dial:
@@ -889,18 +905,18 @@ class Dial:
         family, address = self.address
         try:
             sock = self.sock = CSocket(family, STREAM_NONBLOCK)
-            if STREAM_NONBLOCK == socket.SOCK_STREAM:
-                sock.setblocking(False)  # no SOCK_NONBLOCK here: one more system call
+            if NEEDS_SETBLOCKING:
+                sock.setblocking(False)
             code = sock.connect_ex(address)
         except OSError as exc:
             self.local_failure = exc.errno in DIAL_LOCAL_ERRNOS
             self._finish(None, error_reason(exc))
             return
-        if code == 0 or (code == errno.EINPROGRESS and is_connected(sock)):
+        if code == 0 or (code == EINPROGRESS and is_connected(sock)):
             # On loopback the handshake completes inside connect(): skip a trip through the
             # selector (register, wait, SO_ERROR, unregister) and the dial timer.
             self._finish(sock, None)
-        elif code == errno.EINPROGRESS:
+        elif code == EINPROGRESS:
             self.reactor.register(sock, EVENT_WRITE, self)
             if self.deadline is None:
                 self.timer = self.reactor.call_later(self.timeout, self._timed_out)
@@ -1065,25 +1081,19 @@ class Flow:
     """One direction of a relay: bytes read from `src` and queued for `dst`, either in `queue`
     (recv/send) or in a pipe (`piped` bytes, splice). It splices once it has carried bulk
     (`spliced`); until then it copies, so a connection that only carries small messages never
-    takes a pipe."""
+    takes a pipe. `queue` is b"" while nothing waits, a bytearray while something does."""
 
     __slots__ = ("src", "dst", "src_fd", "dst_fd", "queue", "pipe", "piped", "state", "total",
                  "paused", "spliced")
 
-    def __init__(self):
-        self.src = self.dst = None
-        self.src_fd = self.dst_fd = -1
-        self.queue = bytearray()
-        self.pipe = None
-        self.piped = 0
-        self.state = OPEN
-        self.total = 0
-        self.paused = False
-        self.spliced = False
-
-    def connect(self, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, src: socket.socket, dst: socket.socket):
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.queue = b""
+        self.pipe = None
+        self.piped = self.total = 0
+        self.state = OPEN
+        self.paused = self.spliced = False
 
     def wants_read(self) -> bool:
         """Read while open, with hysteresis: pause at the high mark, resume at the low mark.
@@ -1169,25 +1179,23 @@ class Relay:
         self.tried = []  # the endpoints taken from the plan so far
         self.endpoint = None
         self.attempts = []  # Dials in flight, oldest first
-        self.targets = []  # (endpoint, address) still to try of the endpoint taken from the plan
+        self.targets = ()  # (endpoint, address) still to try of the endpoint taken from the plan
         self.address = None  # the (family, sockaddr) relayed to
-        self.connect_deadline = 0.0
-        self.stagger_timer = None
-        self.retry_timer = None
+        self.stagger_timer = self.retry_timer = None
         self.started = self.reactor.clock()
-        self.up = Flow()  # client to upstream
-        self.down = Flow()  # upstream to client
-        self.client_mask = 0
-        self.upstream_mask = 0
+        self.connect_deadline = self.started + host.connect_timeout
+        self.up = self.down = None  # the Flows, client to upstream and back, once connected
+        self.client_mask = self.upstream_mask = 0
 
     def __repr__(self):
-        return "<Relay %s client=%s upstream=%s up=%s down=%s>" % (
+        flows = "" if self.up is None else " up=%s down=%s" % (self.up.state.value, self.down.state.value)
+        return "<Relay %s client=%s upstream=%s%s>" % (
             self.state.value, ep.format_hostport(*self.peer[:2]) if self.peer else "?",
-            self.endpoint, self.up.state.value, self.down.state.value)
+            self.endpoint, flows)
 
     def bytes_moved(self):
         """(client to upstream, upstream to client) so far."""
-        return self.up.total, self.down.total
+        return (0, 0) if self.up is None else (self.up.total, self.down.total)
 
     def relays_to(self, endpoint: ep.Endpoint) -> bool:
         """Whether this relay is connected to `endpoint` now."""
@@ -1197,7 +1205,6 @@ class Relay:
 
     def start(self) -> None:
         self.plan = self.host.plan()
-        self.connect_deadline = self.started + self.host.connect_timeout
         self._attempt_next()
 
     def _attempt_next(self) -> None:
@@ -1237,7 +1244,7 @@ class Relay:
             self.tried.append(endpoint)
             addresses = self.host.dial_order(endpoint)
             if len(addresses) > 1:
-                self.targets = [(endpoint, address) for address in addresses[1:]]
+                self.targets = list(zip(itertools.repeat(endpoint), addresses[1:]))
             if addresses:
                 return endpoint, addresses[0]
             self.host.dial_failed(endpoint, "no address")
@@ -1292,17 +1299,19 @@ class Relay:
             for loser in self.attempts:
                 self.host.attempt_outlived(loser)
             self.attempts = []
-        self.targets = []
+        if self.targets:
+            self.targets = ()
         self.endpoint = dial.endpoint
         self.address = dial.address
         self.upstream_sock = sock
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
         except OSError:
             pass  # the peer may already be gone: the first recv will tell
         self.data.keepalive.add(sock)
-        self.up.connect(self.client_sock, sock)
-        self.down.connect(sock, self.client_sock)
+        client = self.client_sock
+        self.up = Flow(client, sock)
+        self.down = Flow(sock, client)
         self.state = RELAYING
         self.host.relay_connected(self)
         # Nothing is queued yet: both sides are only read (what _update_interest would derive).
@@ -1411,7 +1420,7 @@ class Relay:
                 self._reset_both()
                 return
             if sent < count:
-                flow.queue += data.recv_view[sent:count]
+                flow.queue = bytearray(data.recv_view[sent:count])
         if mask == READ_TO_EOF and count < RECV_CHUNK_BYTES:
             self._eof(flow)
 
@@ -1429,6 +1438,8 @@ class Relay:
                 self._reset_both()
                 return
             del flow.queue[:sent]
+            if not flow.queue:
+                flow.queue = b""  # an idle connection holds no buffer
         if not flow.queue and flow.state is DRAINING:
             self._shut(flow)
 
@@ -1446,7 +1457,7 @@ class Relay:
             self._close()
             return
         try:
-            flow.dst.shutdown(socket.SHUT_WR)
+            flow.dst.shutdown(SHUT_WR)
         except OSError:
             pass  # the peer is gone already; its own read side will report it
 
@@ -1481,9 +1492,9 @@ class Relay:
         self._close(reset=True)
 
     def _close(self, reset: bool = False) -> None:
-        if self.state is CLOSED:
+        state = self.state
+        if state is CLOSED:
             return
-        was_relaying = self.state is RELAYING
         self.state = CLOSED
         if self.attempts:
             for dial in self.attempts:
@@ -1493,22 +1504,28 @@ class Relay:
             self.reactor.cancel(self.stagger_timer)
         if self.retry_timer is not None:
             self.reactor.cancel(self.retry_timer)
-        for sock, mask in ((self.client_sock, self.client_mask), (self.upstream_sock, self.upstream_mask)):
-            if sock is None:
-                continue
-            if mask:
-                self.reactor.unregister(sock, closing=True)
-            if reset:
-                abort(sock)
-            else:
-                sock.close()
+        self._let_go(self.client_sock, self.client_mask, reset)
+        if self.upstream_sock is not None:
+            self._let_go(self.upstream_sock, self.upstream_mask, reset)
         self.client_mask = self.upstream_mask = 0
-        for flow in (self.up, self.down):
+        up, down = self.up, self.down
+        if up is None:  # never connected
+            self.host.relay_closed(self, None, reset, 0, 0)
+            return
+        for flow in (up, down):
             if flow.pipe is not None:
                 PipePool.discard(flow.pipe)
                 flow.pipe, flow.piped = None, 0
-        self.host.relay_closed(self, self.endpoint if was_relaying else None, reset,
-                               self.up.total, self.down.total)
+        self.host.relay_closed(self, self.endpoint if state is RELAYING else None, reset,
+                               up.total, down.total)
+
+    def _let_go(self, sock, mask: int, reset: bool) -> None:
+        if mask:
+            self.reactor.unregister(sock, closing=True)
+        if reset:
+            abort(sock)
+        else:
+            sock.close()
 
 
 # ===================================================================================== probes ==
@@ -2942,6 +2959,7 @@ class Connections(RelayHost):
         self.connect_timeout = options.connect_timeout
         self.data = data
         self.health = health
+        self.log_each_connection = log.enabled("debug")  # the level is set once, at start
         self.plan = pool.plan  # RelayHost.plan: the policy's choice, straight from the pool
         self.dial_order = pool.dial_order
         self.listener = None
@@ -3028,7 +3046,7 @@ class Connections(RelayHost):
         self.stats.upstream_to_client += down
         if endpoint is not None:
             self.pool.connection_closed(endpoint)
-        if self.log.enabled("debug"):
+        if self.log_each_connection:
             self.log.debug("connection closed", endpoint=str(relay.endpoint), bytes_in=up, bytes_out=down,
                            reset=reset, duration=format_duration(self.reactor.clock() - relay.started))
         if not self.relays:
