@@ -116,8 +116,14 @@ def main(argv: List[str]) -> int:
             show_goals, argv = True, argv[1:]
         else:
             spread, argv = argv[0][2:], argv[1:]
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     if not argv:
         sys.exit(__doc__)
+    unknown = [arg for arg in argv if arg.startswith("-")]
+    if unknown:
+        sys.exit(f"pool.py: unknown option {unknown[0]} (options come before the logs; --help)")
     rounds = read_rounds(argv)
     if show_goals:
         print("\n".join(goal_report(rounds, argv)))

@@ -5,6 +5,7 @@ import contextlib
 import io
 import statistics
 
+import pytest
 from hypothesis import given, strategies as st
 
 from support import load_script
@@ -67,6 +68,14 @@ def test_a_cell_is_the_median_and_its_bounds(tmp_path, capsys):
         row = next(line for line in capsys.readouterr().out.splitlines()
                    if line.startswith("| bulk 8 streams up |"))
         assert row.startswith("| bulk 8 streams up | 2 | 1.05 %s |" % bounds), (flag, row)
+
+
+def test_help_and_an_unknown_option_are_answered_not_opened_as_logs(tmp_path, capsys):
+    assert pool.main(["--help"]) == 0
+    assert "bench/pool.py --interval" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        pool.main(["--quartile", progress_log(tmp_path)])
+    assert "unknown option --quartile" in str(exit_.value.code)
 
 
 def test_the_default_run_needs_no_baseline():
