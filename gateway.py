@@ -570,7 +570,7 @@ class Reactor:
             self._cancelled_in_heap += 1
             # Dial timers are cancelled by the thousand under churn; do not let the heap hoard them.
             if self._cancelled_in_heap > 512 and self._cancelled_in_heap * 2 > len(self._timers):
-                # In place: run() holds the list.
+                # In place: _run_due_timers() holds the list while a timer's callback runs.
                 self._timers[:] = [entry for entry in self._timers if not entry[2].cancelled]
                 heapq.heapify(self._timers)
                 self._cancelled_in_heap = 0
@@ -1244,6 +1244,7 @@ class Relay:
             self.tried.append(endpoint)
             addresses = self.host.dial_order(endpoint)
             if len(addresses) > 1:
+                # zip, not a comprehension: its closure cell would be made on every call
                 self.targets = list(zip(itertools.repeat(endpoint), addresses[1:]))
             if addresses:
                 return endpoint, addresses[0]
@@ -1258,7 +1259,7 @@ class Relay:
             self._close(reset=True)
             return
         self.host.local_fault(self, reason, giving_up=False)
-        self.targets = []
+        self.targets = ()
         self.plan.insert(0, endpoint)
         self.tried.remove(endpoint)
         self.retry_timer = self.reactor.call_later(ACCEPT_PAUSE_DELAY, self._retry_after_local_fault)
@@ -1508,16 +1509,13 @@ class Relay:
         if self.upstream_sock is not None:
             self._let_go(self.upstream_sock, self.upstream_mask, reset)
         self.client_mask = self.upstream_mask = 0
-        up, down = self.up, self.down
-        if up is None:  # never connected
-            self.host.relay_closed(self, None, reset, 0, 0)
-            return
-        for flow in (up, down):
-            if flow.pipe is not None:
-                PipePool.discard(flow.pipe)
-                flow.pipe, flow.piped = None, 0
-        self.host.relay_closed(self, self.endpoint if state is RELAYING else None, reset,
-                               up.total, down.total)
+        if self.up is not None:  # connected: a flow may hold a pipe
+            for flow in (self.up, self.down):
+                if flow.pipe is not None:
+                    PipePool.discard(flow.pipe)
+                    flow.pipe, flow.piped = None, 0
+        up, down = self.bytes_moved()
+        self.host.relay_closed(self, self.endpoint if state is RELAYING else None, reset, up, down)
 
     def _let_go(self, sock, mask: int, reset: bool) -> None:
         if mask:
