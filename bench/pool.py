@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 
 import goals
 
-PROGRESS = re.compile(r"\[round (\d+)/\d+\] (.+?)\s{2,}(\S+)\s+([\d.]+) \S+"
+PROGRESS = re.compile(r"\[round (\d+)/\d+(?: load (\d+)/\d+)?\] (.+?)\s{2,}(\S+)\s+([\d.]+) \S+"
                       r"(?: p99 ([\d.]+) ms)?(?: cpu ([\d.]+) \S+)?(?: core ([\d.]+) \S+)?"
                       r"(?: machine ([\d.]+) \S+)?")
 # value, p99, cpu, core, machine
@@ -34,7 +34,9 @@ Figures = Tuple[float, Optional[float], Optional[float], Optional[float], Option
 
 
 def read_rounds(paths: List[str]) -> Dict[str, Dict[tuple, Dict[str, Figures]]]:
-    """workload -> (run, round) -> proxy -> figures."""
+    """workload -> (run, round, load) -> proxy -> figures. A load run as several shorter ones per
+    round (bench/run.py's LOAD_PIECES) pairs each proxy's k-th with the others' k-th; in logs from
+    before, and for whole loads, the load is always 1."""
     rounds: Dict[str, Dict[tuple, Dict[str, Figures]]] = {}
     for run, path in enumerate(paths):
         with open(path) as f:
@@ -42,8 +44,9 @@ def read_rounds(paths: List[str]) -> Dict[str, Dict[tuple, Dict[str, Figures]]]:
                 m = PROGRESS.match(line)
                 if m is None:
                     continue
-                rnd, workload, proxy, value, *optional = m.groups()
-                rounds.setdefault(workload.strip(), {}).setdefault((run, rnd), {})[proxy] = (
+                rnd, piece, workload, proxy, value, *optional = m.groups()
+                key = (run, rnd, piece or "1")
+                rounds.setdefault(workload.strip(), {}).setdefault(key, {})[proxy] = (
                     float(value), *(float(x) if x else None for x in optional))
     return rounds
 

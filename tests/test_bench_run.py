@@ -18,6 +18,19 @@ class FakeStarted:
         return f"({name}'s log)"
 
 
+def fake_proxies(monkeypatch):
+    """Every proxy 'starts' at once and passes its sanity check: no process is started."""
+    monkeypatch.setattr(run, "start_proxy", lambda started, name, backend, settings:
+                        run.Proxy(name, 1, f"proc of {name}"))
+    monkeypatch.setattr(run, "sanity_check", lambda proxy, group: None)
+
+
+def settings_of(load_seconds):
+    """One round, interleaved by load (the default), with loads of `load_seconds`."""
+    return run.Settings(rounds=1, load_seconds=load_seconds, idle_conns=1, proxy_nofile=64,
+                        python="python3", etcdbin=None, workloads=[], interleave="load")
+
+
 def test_interleaving_by_load_runs_each_load_through_every_proxy_in_turn(monkeypatch, capsys):
     calls = []
 
@@ -29,11 +42,8 @@ def test_interleaving_by_load_runs_each_load_through_every_proxy_in_turn(monkeyp
             return dict(value=1.0)
         return run.Workload(key, f"load {key}", "req/s", "µs/req", run_)
 
-    monkeypatch.setattr(run, "start_proxy", lambda started, name, backend, settings:
-                        run.Proxy(name, 1, f"proc of {name}"))
-    monkeypatch.setattr(run, "sanity_check", lambda proxy, group: None)
-    settings = run.Settings(rounds=1, load_seconds=1, idle_conns=1, proxy_nofile=64, python="python3",
-                            etcdbin=None, workloads=[], interleave="load")
+    fake_proxies(monkeypatch)
+    settings = settings_of(1)
     started, results = FakeStarted(), {}
     run.run_group_by_load(started, 0, ["go", "broken", "ours"], "nginx", 1,
                           [load("a"), load("b")], settings, results)
@@ -48,3 +58,38 @@ def test_interleaving_by_load_runs_each_load_through_every_proxy_in_turn(monkeyp
 def test_a_run_interleaves_by_load_unless_asked_for_the_earlier_method():
     assert run.parse_args([]).interleave == "load"
     assert run.parse_args(["--interleave", "group"]).interleave == "group"
+
+
+def test_a_load_in_pieces_runs_each_piece_through_every_proxy_and_a_failure_fills_the_round(
+        monkeypatch, capsys):
+    calls, results = [], {}
+
+    def run_(proxy):
+        calls.append(proxy.name)
+        if proxy.name == "broken" and calls.count("broken") == 2:
+            raise RuntimeError("died in the second piece")
+        return dict(value=1.0)
+
+    fake_proxies(monkeypatch)
+    settings = settings_of(3)
+    pieced = run.Workload("bulk-8-up", "bulk 8 streams up", "Gbit/s", "µs/MB", run_, pieces=3)
+    later = run.Workload("bulk-8-down", "bulk 8 streams down", "Gbit/s", "µs/MB", run_, pieces=3)
+    run.run_group_by_load(FakeStarted(), 0, ["go", "broken", "ours"], "iperf3", 1, [pieced, later],
+                          settings, results)
+    assert calls == ["go", "broken", "ours", "go", "broken", "ours", "go", "ours"] + ["go", "ours"] * 3
+    assert results[("bulk-8-up", "go")] == [dict(value=1.0)] * 3
+    failed = {"failed": "died in the second piece"}
+    assert results[("bulk-8-up", "broken")] == [dict(value=1.0), failed, failed]  # lined up
+    assert results[("bulk-8-down", "broken")] == [failed] * 3
+    assert "[round 1/1 load 3/3] bulk 8 streams down" in capsys.readouterr().err
+
+
+def test_the_noisiest_loads_run_in_pieces_of_a_second(tmp_path):
+    settings = settings_of(3)
+    backends = dict(iperf3=1, http=2, idle=3, etcd=4)
+    lua = dict.fromkeys(("get", "paced", "put", "range"), tmp_path / "script.lua")
+    workloads = {w.key: w for _, _, group in run.plan(backends, lua, settings) for w in group}
+    assert {key for key, w in workloads.items() if w.pieces == 3} == {
+        "bulk-1-up", "bulk-1-down", "bulk-8-up", "bulk-8-down", "http-64", "http-512"}
+    quick = settings._replace(load_seconds=1)
+    assert all(w.pieces == 1 for _, _, group in run.plan(backends, lua, quick) for w in group)
