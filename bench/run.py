@@ -15,7 +15,7 @@ through them in turn (`--interleave load`), so the same load's figures for two p
 seconds apart: this machine drifts over tens of seconds, and with one proxy running a group's
 loads after another (`--interleave group`, the method of the runs before 2026-11-30T18) a
 minute lay between them. The order of the proxies rotates from round to round, so what drift
-remains hits every proxy alike. Bulk and keep-alive c=64/c=512 run as three loads of a
+remains hits every proxy alike. Bulk with 8 streams and keep-alive c=512 run as three loads of a
 third of the time per proxy and round, in turn through the proxies, each proxy's k-th paired with
 the others' k-th (LOAD_PIECES: their noise comes with each load, not with its length). Only ratios
 measured in one run mean anything; the table reports medians over the rounds.
@@ -85,13 +85,15 @@ DEFAULT_PROXIES = tuple(name for name in PROXY_ORDER if name != "ours-base")
 # ours splices, so its bulk figure would be no floor for ours.
 SKIPPED_GROUPS = {"ours-nospin": ("nginx-idle",), "floor": ("iperf3", "nginx-idle")}
 PACED_THINK_MS = 1  # think time between the requests of the paced load
-# Bulk and keep-alive c=64/c=512 run as this many shorter loads per proxy and round
+# Bulk with 8 streams and keep-alive c=512 run as this many shorter loads per proxy and round
 # (3 s -> 3 x 1 s), each proxy's k-th paired with the others' k-th. Their noise is the state a
 # whole load lands in, not the time it runs (docs/PERFORMANCE.md): ln(ours / Go) had a standard
-# deviation of 0.17-0.20 and 0.16 per 3 s load over six default runs, so the mean of three 1 s
-# loads should come closer to Go's figure in the same time. Etcd range and churn stay whole.
+# deviation of 0.17-0.20 and 0.16 per 3 s load (six default runs) and 0.18-0.19 and 0.17 per 1 s
+# load, so the mean of three 1 s loads, 0.10-0.11 and 0.09, halves it in the same time. A 1 s load
+# of bulk 1 stream or c=64 was about twice as noisy as a 3 s one (0.20-0.27), which takes back
+# what three of them buy, and etcd range and churn were noisier at 1 s too: those stay whole.
 LOAD_PIECES = 3
-PIECED_LOADS = ("bulk-1-up", "bulk-1-down", "bulk-8-up", "bulk-8-down", "http-64", "http-512")
+PIECED_LOADS = ("bulk-8-up", "bulk-8-down", "http-512")
 
 
 class Settings(NamedTuple):
