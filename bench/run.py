@@ -14,11 +14,13 @@ groups run in turn, and within a group every proxy is started at once and each l
 through them in turn (`--interleave load`), so the same load's figures for two proxies are
 seconds apart: this machine drifts over tens of seconds, and with one proxy running a group's
 loads after another (`--interleave group`, the method of the runs before 2026-11-30T18) a
-minute lay between them. The order of the proxies rotates from round to round, so what drift
-remains hits every proxy alike. Bulk with 8 streams and keep-alive c=512 run as three loads of a
-third of the time per proxy and round, in turn through the proxies, each proxy's k-th paired with
-the others' k-th (LOAD_PIECES: their noise comes with each load, not with its length). Only ratios
-measured in one run mean anything; the table reports medians over the rounds.
+minute lay between them. Ours runs between the Go gateway and HAProxy, the proxies it is judged
+against, and the order rotates from round to round, so what drift remains hits every proxy
+alike (round_order). Bulk with 8 streams and keep-alive c=512 run as several loads of a third
+of the time per proxy and round (six for bulk 8 upload, three for the others), in turn through
+the proxies, each proxy's k-th paired with the others' k-th (PIECED_LOADS: their noise comes with
+each load, not with its length). Only ratios measured in one run mean anything; the table
+reports medians over the rounds.
 
 Efficiency is the proxy process's own CPU time (utime + stime from /proc/<pid>/stat, all
 threads), read just before and after each load and divided by the requests, connections or
@@ -85,15 +87,22 @@ DEFAULT_PROXIES = tuple(name for name in PROXY_ORDER if name != "ours-base")
 # ours splices, so its bulk figure would be no floor for ours.
 SKIPPED_GROUPS = {"ours-nospin": ("nginx-idle",), "floor": ("iperf3", "nginx-idle")}
 PACED_THINK_MS = 1  # think time between the requests of the paced load
-# Bulk with 8 streams and keep-alive c=512 run as this many shorter loads per proxy and round
-# (3 s -> 3 x 1 s), each proxy's k-th paired with the others' k-th. Their noise is the state a
-# whole load lands in, not the time it runs (docs/PERFORMANCE.md): ln(ours / Go) had a standard
+# Bulk with 8 streams and keep-alive c=512 run as several 1 s loads per proxy and round (a 3 s
+# load's LOAD_PIECES-th), each proxy's k-th paired with the others' k-th. Their noise is the state
+# a whole load lands in, not the time it runs (docs/PERFORMANCE.md): ln(ours / Go) had a standard
 # deviation of 0.17-0.20 and 0.16 per 3 s load (six default runs) and 0.18-0.19 and 0.17 per 1 s
 # load, so the mean of three 1 s loads, 0.10-0.11 and 0.09, halves it in the same time. A 1 s load
 # of bulk 1 stream or c=64 was about twice as noisy as a 3 s one (0.20-0.27), which takes back
 # what three of them buy, and etcd range and churn were noisier at 1 s too: those stay whole.
+# Bulk 8 upload, whose ratio to Go sits at 1.0, runs six: with three, a run's median of it still
+# spread by 0.09 (logarithm) from run to run, and fell below 0.9x in 3 of 10 runs.
 LOAD_PIECES = 3
-PIECED_LOADS = ("bulk-8-up", "bulk-8-down", "http-512")
+PIECED_LOADS = {"bulk-8-up": 6, "bulk-8-down": 3, "http-512": 3}  # pieces per proxy and round
+# The proxies ours is judged against run right before and after it in every round (the order
+# reversed every other round), the others rotating around them: two loads a slot apart differ by
+# about a third less from round to round than loads three slots apart (docs/PERFORMANCE.md,
+# "Two loads close in time").
+OURS_NEIGHBOURS = ("go", "ours", "haproxy")
 
 
 class Settings(NamedTuple):
@@ -576,12 +585,14 @@ class Workload(NamedTuple):
 
 
 def plan(backends: dict, lua: Dict[str, Path], settings: Settings) -> List[tuple]:
-    pieces = min(LOAD_PIECES, settings.load_seconds)
-    short = settings._replace(load_seconds=settings.load_seconds // pieces)
+    short = settings._replace(load_seconds=settings.load_seconds // LOAD_PIECES)
 
     def shape(key):
-        """The settings (load time) and the number of pieces the load `key` runs with."""
-        return (short, pieces) if key in PIECED_LOADS else (settings, 1)
+        """The settings (load time) and the number of pieces the load `key` runs with: loads
+        too short to cut (--quick) run whole."""
+        if key not in PIECED_LOADS or settings.load_seconds < LOAD_PIECES:
+            return settings, 1
+        return short, PIECED_LOADS[key]
 
     def bulk(key, label, streams, reverse):
         load_settings, load_pieces = shape(key)
@@ -629,7 +640,7 @@ def run_all(started: Started, proxies: List[str], settings: Settings):
     groups = selected(plan(backends, write_lua(started.tmp), settings), settings.workloads)
     results: Dict[tuple, List[dict]] = {}
     for rnd in range(settings.rounds):
-        order = proxies[rnd % len(proxies):] + proxies[:rnd % len(proxies)]
+        order = round_order(proxies, rnd)
         for group_name, backend, workloads in groups:
             names = [name for name in order if group_name not in SKIPPED_GROUPS.get(name, ())]
             if settings.interleave == "load":
@@ -638,6 +649,22 @@ def run_all(started: Started, proxies: List[str], settings: Settings):
             for name in names:
                 run_group(started, rnd, name, group_name, backend, workloads, settings, results)
     return results, [w for _, _, workloads in groups for w in workloads]
+
+
+def round_order(proxies: List[str], rnd: int) -> List[str]:
+    """The proxies in the order round `rnd` runs each load through them: ours between the
+    proxies it is judged against (OURS_NEIGHBOURS, reversed in odd rounds), rotated with the
+    others from round to round, so that drift hits every proxy alike."""
+    block = [name for name in OURS_NEIGHBOURS if name in proxies]
+    if "ours" not in block:
+        block = []
+    units = [[name] for name in proxies if name not in block]
+    if block:
+        at = min(proxies.index(name) for name in block)
+        units.insert(sum(1 for name in proxies[:at] if name not in block),
+                     block[::-1] if rnd % 2 else block)
+    units = units[rnd % len(units):] + units[:rnd % len(units)]
+    return [name for unit in units for name in unit]
 
 
 def selected(groups: List[tuple], wanted: List[str]) -> List[tuple]:
@@ -877,10 +904,9 @@ def machine() -> List[str]:
 def report(results, proxies: List[str], workloads: List[Workload], settings: Settings,
            argv: List[str], elapsed: float, etcd_version: str) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    pieced = [w for w in workloads if w.pieces > 1]
-    pieces = (f" ({', '.join(w.label for w in pieced)}: {pieced[0].pieces} loads of "
-              f"{settings.load_seconds // pieced[0].pieces}s per round, medians over them)"
-              if pieced else "")
+    pieced = [f"{w.label}: {w.pieces} loads" for w in workloads if w.pieces > 1]
+    pieces = (f" ({', '.join(pieced)} of {settings.load_seconds // LOAD_PIECES}s per round, "
+              "medians over them)" if pieced else "")
     head = [f"# Benchmark results ({now})", "",
             f"`python3 bench/run.py {' '.join(argv)}` — {settings.rounds} rounds, "
             f"{settings.load_seconds}s per load{pieces}, proxies interleaved by {settings.interleave}, "

@@ -84,12 +84,35 @@ def test_a_load_in_pieces_runs_each_piece_through_every_proxy_and_a_failure_fill
     assert "[round 1/1 load 3/3] bulk 8 streams down" in capsys.readouterr().err
 
 
-def test_the_noisiest_loads_run_in_pieces_of_a_second(tmp_path):
-    settings = settings_of(3)
+def test_the_noisiest_loads_run_in_pieces_of_a_second(tmp_path, monkeypatch):
+    seconds = {}
+    monkeypatch.setattr(run, "wait_iperf3_idle", lambda port: None)
+    monkeypatch.setattr(run, "iperf3", lambda proxy, streams, reverse, settings: seconds.setdefault(
+        f"bulk-{streams}-{'down' if reverse else 'up'}", settings.load_seconds) and dict(mb=1))
+    monkeypatch.setattr(run, "wrk", lambda proxy, path, conns, script, settings, close=False:
+                        seconds.setdefault(f"http-{conns}", settings.load_seconds)
+                        and dict(requests=1))
     backends = dict(iperf3=1, http=2, idle=3, etcd=4)
     lua = dict.fromkeys(("get", "paced", "put", "range"), tmp_path / "script.lua")
-    workloads = {w.key: w for _, _, group in run.plan(backends, lua, settings) for w in group}
-    assert {key for key, w in workloads.items() if w.pieces == 3} == {
-        "bulk-8-up", "bulk-8-down", "http-512"}
-    quick = settings._replace(load_seconds=1)
+    workloads = {w.key: w for _, _, group in run.plan(backends, lua, settings_of(3)) for w in group}
+    assert {key: w.pieces for key, w in workloads.items() if w.pieces > 1} == {
+        "bulk-8-up": 6, "bulk-8-down": 3, "http-512": 3}
+    for key in ("bulk-1-up", "bulk-8-up", "bulk-8-down", "http-64", "http-512"):
+        workloads[key].run(run.Proxy(key, 1, None))
+    assert seconds == {"bulk-1-up": 3, "bulk-8-up": 1, "bulk-8-down": 1, "http-64": 3,
+                       "http-512": 1}
+    quick = settings_of(1)
     assert all(w.pieces == 1 for _, _, group in run.plan(backends, lua, quick) for w in group)
+
+
+def test_ours_runs_between_go_and_haproxy_and_the_order_rotates():
+    proxies = list(run.DEFAULT_PROXIES)
+    orders = [run.round_order(proxies, rnd) for rnd in range(8)]
+    for order in orders:
+        assert sorted(order) == sorted(proxies)
+        at = order.index("ours")
+        assert {order[at - 1], order[at + 1]} == {"go", "haproxy"}
+    assert {order[0] for order in orders} == {"none", "haproxy", "ours-nospin", "floor"}
+    assert orders[0].index("go") < orders[0].index("ours")  # and reversed in odd rounds
+    assert orders[1].index("go") > orders[1].index("ours")
+    assert run.round_order(["go", "haproxy", "none"], 1) == ["haproxy", "none", "go"]  # no ours
