@@ -1,8 +1,9 @@
-"""Issue 16's goals as data, and what a set of paired per-round ratios says about each.
+"""Issue 16's goals as data, and what a set of paired ratios says about each (one per load: a
+round's load, or each of a round's pieces of a load that bench/run.py runs in pieces).
 
 bench/run.py prints the verdicts of one run under its table, bench/pool.py those of several runs
 pooled: whether ours ÷ the reference *in the same round* is on the goal's side of its target in
-every round, in none, or whether the rounds straddle it (then the median is one draw, and the
+every load, in none, or whether the loads straddle it (then the median is one draw, and the
 table says so instead of quoting it as met or missed). Pooled, the bootstrap 95 % interval of the
 median decides it: a target inside that interval is neither met nor missed.
 
@@ -52,14 +53,14 @@ Ratios = Callable[[str, str, str], List[float]]
 
 
 def round_verdict(goal: Goal, ratios: Sequence[float]) -> str:
-    """What the rounds say: met or missed in every one, or straddling (and where the median is)."""
+    """What the loads say: met or missed in every one, or straddling (and where the median is)."""
     if not ratios:
         return "not measured"
     sides = {goal.met_by(ratio) for ratio in ratios}
     if sides == {True}:
-        return "met in every round"
+        return "met in every load"
     if sides == {False}:
-        return "missed in every round"
+        return "missed in every load"
     median_side = "meets" if goal.met_by(statistics.median(ratios)) else "misses"
     return f"STRADDLES (median {median_side})"
 
@@ -96,7 +97,7 @@ def run_floor_summary(run_medians: Dict[str, float]) -> str:
 def goal_table(ratios: Ratios, interval: Optional[Callable[[List[float]], Tuple[float, float]]] = None
                ) -> List[str]:
     """A markdown table with one row per goal whose workload and reference were measured."""
-    columns = ["goal", "rounds", "median (min-max)", "rounds say"]
+    columns = ["goal", "loads", "median (min-max)", "loads say"]
     if interval is not None:
         columns += ["95 % interval of the median", "the interval says"]
     lines = ["| " + " | ".join(columns) + " |", "|---|---:|---:|---|" + "---:|---|" * (interval is not None)]

@@ -134,7 +134,7 @@ def main(argv: List[str]) -> int:
     proxies = [p for p in ("ours", "ours-busy", "ours-nospin", "ours-base", "haproxy", "floor")
                if p != reference and any(p in by_proxy for r in rounds.values() for by_proxy in r.values())]
     x = "×" + reference
-    print("| workload | rounds | " + " | ".join(f"{p} {x} | CPU {x} | core {x} | machine {x} | p99 {x}"
+    print("| workload | loads | " + " | ".join(f"{p} {x} | CPU {x} | core {x} | machine {x} | p99 {x}"
                                              for p in proxies) + " |")
     print("|---|---:|" + "---:|" * 5 * len(proxies))
     for workload, by_round in rounds.items():

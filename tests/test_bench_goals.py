@@ -25,8 +25,8 @@ def test_cpu_goals_are_ceilings_and_throughput_goals_floors():
 
 
 def test_rounds_on_both_sides_of_a_target_straddle_it_whatever_the_median():
-    assert goals.round_verdict(CHURN_CPU_HAPROXY, [1.10, 1.12, 1.14]) == "met in every round"
-    assert goals.round_verdict(CHURN_CPU_HAPROXY, [1.16, 1.20]) == "missed in every round"
+    assert goals.round_verdict(CHURN_CPU_HAPROXY, [1.10, 1.12, 1.14]) == "met in every load"
+    assert goals.round_verdict(CHURN_CPU_HAPROXY, [1.16, 1.20]) == "missed in every load"
     assert goals.round_verdict(CHURN_CPU_HAPROXY, [1.10, 1.12, 1.30]) == "STRADDLES (median meets)"
     assert goals.round_verdict(CHURN_CPU_HAPROXY, [1.10, 1.22, 1.30]) == "STRADDLES (median misses)"
     assert goals.round_verdict(CHURN_CPU_HAPROXY, []) == "not measured"
@@ -35,8 +35,8 @@ def test_rounds_on_both_sides_of_a_target_straddle_it_whatever_the_median():
 @given(ratio_lists, st.sampled_from(goals.GOALS))
 def test_a_verdict_of_every_round_agrees_with_each_round(values, goal):
     verdict = goals.round_verdict(goal, values)
-    assert (verdict == "met in every round") == all(goal.met_by(v) for v in values)
-    assert (verdict == "missed in every round") == (not any(goal.met_by(v) for v in values))
+    assert (verdict == "met in every load") == all(goal.met_by(v) for v in values)
+    assert (verdict == "missed in every load") == (not any(goal.met_by(v) for v in values))
 
 
 def test_only_an_interval_wholly_on_one_side_decides_a_goal():
@@ -106,7 +106,7 @@ def test_pooled_runs_get_the_interval_and_one_floor_line_per_run(tmp_path, capsy
     assert pool.main(["--goals"] + paths) == 0
     out = capsys.readouterr().out.splitlines()
     row = next(line for line in out if line.startswith("| http keep-alive c=64: throughput >= 1.00x go"))
-    assert row.endswith("| 2 | 0.94 (0.91-0.97) | missed in every round | 0.91-0.97 | MISSED |"), row
+    assert row.endswith("| 2 | 0.94 (0.91-0.97) | missed in every load | 0.91-0.97 | MISSED |"), row
     assert out[-2:] == [
         f"{paths[0]}: every throughput at or above its per-run floor (lowest: http keep-alive c=64 0.97x Go)",
         f"{paths[1]}: BELOW the per-run floor: http keep-alive c=64 0.909x"]
