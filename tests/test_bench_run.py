@@ -84,6 +84,30 @@ def test_a_load_in_pieces_runs_each_piece_through_every_proxy_and_a_failure_fill
     assert "[round 1/1 load 3/3] bulk 8 streams down" in capsys.readouterr().err
 
 
+def test_interleaving_by_group_runs_a_proxys_pieces_in_a_row_and_a_failure_fills_the_round(
+        monkeypatch, capsys):
+    calls, results = [], {}
+
+    def run_(proxy):
+        calls.append(proxy.name)
+        if proxy.name == "broken" and len(calls) == 2:
+            raise RuntimeError("died in the second piece")
+        return dict(value=1.0)
+
+    fake_proxies(monkeypatch)
+    settings = settings_of(3)._replace(interleave="group")
+    pieced = run.Workload("bulk-8-up", "bulk 8 streams up", "Gbit/s", "µs/MB", run_, pieces=3)
+    later = run.Workload("bulk-8-down", "bulk 8 streams down", "Gbit/s", "µs/MB", run_, pieces=3)
+    for name in ("broken", "go"):
+        run.run_group(FakeStarted(), 0, name, "iperf3", 1, [pieced, later], settings, results)
+    assert calls == ["broken", "broken"] + ["go"] * 6
+    failed = {"failed": "died in the second piece"}
+    assert results[("bulk-8-up", "broken")] == [dict(value=1.0), failed, failed]
+    assert results[("bulk-8-down", "broken")] == [failed] * 3
+    assert results[("bulk-8-down", "go")] == [dict(value=1.0)] * 3
+    assert "FAILED at bulk 8 streams up" in capsys.readouterr().err
+
+
 def test_the_noisiest_loads_run_in_pieces_of_a_second(tmp_path, monkeypatch):
     seconds = {}
     monkeypatch.setattr(run, "wait_iperf3_idle", lambda port: None)
