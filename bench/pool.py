@@ -35,7 +35,7 @@ Figures = Tuple[float, Optional[float], Optional[float], Optional[float], Option
 
 def read_rounds(paths: List[str]) -> Dict[str, Dict[tuple, Dict[str, Figures]]]:
     """workload -> (run, round, load) -> proxy -> figures. A load run as several shorter ones per
-    round (bench/run.py's LOAD_PIECES) pairs each proxy's k-th with the others' k-th; in logs from
+    round (bench/run.py's PIECED_LOADS) pairs each proxy's k-th with the others' k-th; in logs from
     before, and for whole loads, the load is always 1."""
     rounds: Dict[str, Dict[tuple, Dict[str, Figures]]] = {}
     for run, path in enumerate(paths):

@@ -581,7 +581,7 @@ class Workload(NamedTuple):
     unit: str
     cpu_unit: str
     run: Callable[[Proxy], dict]
-    pieces: int = 1  # loads per proxy and round, each 1/pieces of the load time (LOAD_PIECES)
+    pieces: int = 1  # loads per proxy and round, each 1/LOAD_PIECES of the load time
 
 
 def plan(backends: dict, lua: Dict[str, Path], settings: Settings) -> List[tuple]:
